@@ -1,0 +1,255 @@
+"""The catalog: an SQLite index of the repository's snapshots (through sqlite-utils).
+
+The manifests are the truth; the catalog is derived from them and :meth:`Catalog.rebuild` recreates it from the
+manifests alone. :meth:`Catalog.sync` runs whenever a repository is opened for reading and brings the catalog up
+to date with what is on the backend (a manifest that landed but whose catalog write was cut short by a crash is
+added; a snapshot whose manifest is gone is dropped), so a stale catalog is never the reason for a wrong answer.
+
+One connection per thread; SQLite's own locking (WAL, busy timeout) lets two backups write at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from vbfs.errors import SnapshotNotFound, VbfsError
+from vbfs.store.repository import Repository
+
+SCHEMA_VERSION = 1
+
+
+def create_tables(db: sqlite_utils.Database) -> None:
+    """The whole schema, in one place."""
+    # One row per snapshot manifest in the repository. `time` is the UTC start of the backup in ISO 8601;
+    # `name` is the snapshot's folder name in the tree (time without colons, unique per guest); `summary` is the
+    # JSON that `vbfs snapshots --json` prints, derived from the manifest only.
+    db.table("snapshots").create(
+        {
+            "id": str,
+            "guest": str,
+            "name": str,
+            "time": str,
+            "hypervisor": str,
+            "source": str,
+            "consistency": str,
+            "size": int,
+            "summary": str,
+        },
+        pk="id",
+        if_not_exists=True,
+    )
+    db.table("snapshots").create_index(["guest", "time"], if_not_exists=True)
+    db.table("snapshots").create_index(["guest", "name"], unique=True, if_not_exists=True)
+    # One row per disk or stream (config file, agent dump) of a snapshot. `kind` is 'disk', 'config' or an agent
+    # name; `name` is the item's file name in the tree; `size` its length in bytes; `mode` is 'full' or
+    # 'incremental' for disks (how it was read), '' for streams.
+    db.table("items").create(
+        {"snapshot_id": str, "kind": str, "name": str, "size": int, "mode": str},
+        pk=("snapshot_id", "kind", "name"),
+        foreign_keys=[("snapshot_id", "snapshots", "id")],
+        if_not_exists=True,
+    )
+    # A guest is a name that has at least one snapshot; the view keeps no state of its own.
+    db.execute(
+        "CREATE VIEW IF NOT EXISTS guests AS SELECT guest AS name, count(*) AS snapshots, "
+        "min(time) AS first, max(time) AS latest FROM snapshots GROUP BY guest"
+    )
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What a listing shows of a snapshot; a function of the manifest alone."""
+    return {
+        "id": manifest["id"],
+        "guest": manifest["guest"],
+        "name": manifest["name"],
+        "time": manifest["time"],
+        "finished": manifest.get("finished"),
+        "hypervisor": manifest["source"]["hypervisor"],
+        "source": manifest["source"]["url"],
+        "consistency": manifest.get("consistency"),
+        "disks": [{"name": d["name"], "size": d["size"], "mode": d.get("mode")} for d in manifest["disks"]],
+        "config": sorted(manifest.get("config", {})),
+        "stats": manifest.get("stats", {}),
+    }
+
+
+class Catalog:
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(path, timeout=60, isolation_level=None)
+            conn.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.Error as exc:
+            raise VbfsError(f"cannot open the catalog {path}: {exc}") from None
+        self.db = sqlite_utils.Database(conn)
+        with self.db.conn:
+            create_tables(self.db)
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    # ---- writing ----------------------------------------------------------------------------------------------
+
+    def add(self, manifest: dict[str, Any]) -> None:
+        s = summary_of(manifest)
+        with self.db.conn:
+            self.db.table("snapshots").insert(
+                {
+                    "id": s["id"],
+                    "guest": s["guest"],
+                    "name": s["name"],
+                    "time": s["time"],
+                    "hypervisor": s["hypervisor"],
+                    "source": s["source"],
+                    "consistency": s["consistency"] or "",
+                    "size": sum(d["size"] for d in s["disks"]),
+                    "summary": json.dumps(s, sort_keys=True),
+                },
+                replace=True,
+            )
+            rows = [
+                {
+                    "snapshot_id": s["id"],
+                    "kind": "disk",
+                    "name": d["name"],
+                    "size": d["size"],
+                    "mode": d.get("mode") or "",
+                }
+                for d in manifest["disks"]
+            ]
+            rows += [
+                {"snapshot_id": s["id"], "kind": "config", "name": n, "size": ref["size"], "mode": ""}
+                for n, ref in manifest.get("config", {}).items()
+            ]
+            if rows:
+                self.db.table("items").insert_all(rows, replace=True)
+
+    def remove(self, snap_id: str) -> None:
+        with self.db.conn:
+            self.db.execute("DELETE FROM items WHERE snapshot_id = ?", [snap_id])
+            self.db.execute("DELETE FROM snapshots WHERE id = ?", [snap_id])
+
+    def sync(self, repo: Repository) -> list[str]:
+        """Bring the catalog in line with the manifests; return warnings about manifests that cannot be read."""
+        on_repo = set(repo.snapshot_ids())
+        known = {r[0] for r in self.db.execute("SELECT id FROM snapshots").fetchall()}
+        warnings = []
+        for snap_id in sorted(known - on_repo):
+            self.remove(snap_id)
+        for snap_id in sorted(on_repo - known):
+            try:
+                self.add(repo.load_manifest(snap_id))
+            except VbfsError as exc:
+                warnings.append(f"snapshot {snap_id} is not listed: {exc}")
+        return warnings
+
+    def rebuild(self, repo: Repository) -> list[str]:
+        with self.db.conn:
+            self.db.execute("DELETE FROM items")
+            self.db.execute("DELETE FROM snapshots")
+        return self.sync(repo)
+
+    # ---- reading ----------------------------------------------------------------------------------------------
+
+    def snapshots(self, guest: str | None = None) -> list[dict[str, Any]]:
+        sql = "SELECT summary FROM snapshots"
+        args: list[Any] = []
+        if guest is not None:
+            sql += " WHERE guest = ?"
+            args.append(guest)
+        sql += " ORDER BY guest, time, id"
+        return [json.loads(r[0]) for r in self.db.execute(sql, args).fetchall()]
+
+    def guests(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.db.query("SELECT * FROM guests ORDER BY name")]
+
+    def latest(self, guest: str) -> dict[str, Any] | None:
+        row = self.db.execute(
+            "SELECT summary FROM snapshots WHERE guest = ? ORDER BY time DESC, id DESC LIMIT 1", [guest]
+        ).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def name_taken(self, guest: str, name: str) -> bool:
+        return bool(self.db.execute("SELECT 1 FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone())
+
+    def resolve(self, spec: str) -> dict[str, Any]:
+        """``GUEST@latest``, ``GUEST@<id prefix>``, ``GUEST@<snapshot name>`` or ``GUEST@<time>``."""
+        guest, sep, which = spec.partition("@")
+        if not sep or not guest or not which:
+            raise SnapshotNotFound(f"bad snapshot spec {spec!r} (expected GUEST@latest, GUEST@<id> or GUEST@<time>)")
+        if not self.db.execute("SELECT 1 FROM snapshots WHERE guest = ?", [guest]).fetchone():
+            raise SnapshotNotFound(f"no snapshots of guest {guest!r} in this repository")
+        if which == "latest":
+            found = self.latest(guest)
+            assert found is not None
+            return found
+        row = self.db.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, which]).fetchone()
+        if row:
+            return dict(json.loads(row[0]))
+        if re.fullmatch(r"[0-9a-f]{4,64}", which):
+            rows = self.db.execute(
+                "SELECT summary FROM snapshots WHERE guest = ? AND id LIKE ? ORDER BY time",
+                [guest, which + "%"],
+            ).fetchall()
+            if len(rows) == 1:
+                return dict(json.loads(rows[0][0]))
+            if len(rows) > 1:
+                raise SnapshotNotFound(f"snapshot id prefix {which!r} of {guest} is ambiguous ({len(rows)} match)")
+        when = parse_time(which)
+        if when is None:
+            raise SnapshotNotFound(f"no snapshot {which!r} of guest {guest!r}")
+        row = self.db.execute(
+            "SELECT summary FROM snapshots WHERE guest = ? AND time <= ? ORDER BY time DESC LIMIT 1",
+            [guest, format_time(when)],
+        ).fetchone()
+        if not row:
+            raise SnapshotNotFound(f"guest {guest!r} has no snapshot at or before {which}")
+        return dict(json.loads(row[0]))
+
+
+_TIME_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S.%fZ",
+    "%Y-%m-%dT%H%M%SZ",
+    "%Y-%m-%dT%H%MZ",
+    "%Y-%m-%dT%H:%M:%SZ",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%dT%H:%MZ",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d",
+)
+
+
+def parse_time(text: str) -> datetime | None:
+    """A point in time as users type it (UTC); a bare date means the end of that day."""
+    for fmt in _TIME_FORMATS:
+        try:
+            t = datetime.strptime(text, fmt).replace(tzinfo=UTC)
+        except ValueError:
+            continue
+        if fmt == "%Y-%m-%d":
+            t = t.replace(hour=23, minute=59, second=59)
+        elif "%S" not in fmt:
+            t = t.replace(second=59)
+        return t.replace(microsecond=999999)
+    return None
+
+
+def format_time(t: datetime) -> str:
+    """ISO 8601 in UTC with microseconds: sorts as text in time order."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def snapshot_name(t: datetime) -> str:
+    """The folder name of a snapshot: its UTC time without colons (the tree is also shared over SMB)."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H%M%SZ")

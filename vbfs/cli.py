@@ -1,0 +1,445 @@
+"""The ``vbfs`` command line (click).
+
+Every command that prints a table also takes ``--json``. Errors reach the user here and only here: a
+:class:`VbfsError` is one line on stderr and its exit code; an unexpected exception is one line too, with the
+traceback only when ``VBFS_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from vbfs import __version__
+from vbfs.catalog import Catalog
+from vbfs.engine.backup import BackupRun, NoProgress, Progress
+from vbfs.engine.check import check as run_check
+from vbfs.engine.restore import restore as run_restore
+from vbfs.errors import SourceError, VbfsError
+from vbfs.plugins import default_manager, registry
+from vbfs.sources import SourceURL
+from vbfs.store.cache import ChunkCache
+from vbfs.store.repository import Repository
+from vbfs.vfs import Dir, SnapshotDir, walk_path
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    click.echo(f"vbfs: error: {message}", err=True)
+    sys.exit(code)
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+class RichProgress:
+    """A progress bar on stderr when it is a terminal."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RP
+
+        self._p = RP(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            transient=True,
+            console=Console(stderr=True),
+        )
+        self._task: Any = None
+
+    def begin(self, label: str, total: int) -> None:
+        self._p.start()
+        self._task = self._p.add_task(label, total=total)
+
+    def advance(self, n: int) -> None:
+        self._p.advance(self._task, n)
+
+    def end(self) -> None:
+        self._p.stop()
+
+
+def progress_for(json_out: bool) -> Progress:
+    if json_out or not sys.stderr.isatty():
+        return NoProgress()
+    return RichProgress()
+
+
+def passphrase_provider(confirm: bool) -> str:
+    env = os.environ.get("VBFS_PASSPHRASE")
+    if env is not None:
+        return env
+    if not sys.stdin.isatty():
+        raise VbfsError("the repository is encrypted: set VBFS_PASSPHRASE or run on a terminal to be asked")
+    pw = click.prompt("Passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+    if confirm and not pw:
+        raise VbfsError("an empty passphrase is not allowed")
+    return str(pw)
+
+
+class Ctx:
+    def __init__(self, repo: str | None):
+        self.repo_location = repo
+
+    def location(self) -> str:
+        if not self.repo_location:
+            raise VbfsError("no repository given: use -r PATH or set VBFS_REPO")
+        return self.repo_location
+
+    def open_repo(self) -> Repository:
+        return Repository.open(self.location(), passphrase_provider)
+
+    @contextmanager
+    def catalog(self, repo: Repository) -> Iterator[Catalog]:
+        cat = Catalog(repo.catalog_path())
+        try:
+            for w in cat.sync(repo):
+                click.echo(f"vbfs: warning: {w}", err=True)
+            yield cat
+        finally:
+            cat.close()
+
+
+class VbfsGroup(click.Group):
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except VbfsError as exc:
+            fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("vbfs: interrupted", err=True)
+            sys.exit(130)
+        except BrokenPipeError:
+            sys.exit(1)
+        except (click.exceptions.Exit, click.ClickException, click.Abort, SystemExit):
+            raise
+        except Exception as exc:
+            if os.environ.get("VBFS_DEBUG"):
+                traceback.print_exc()
+            fail(f"internal error: {type(exc).__name__}: {exc} (set VBFS_DEBUG=1 for a traceback)", 1)
+
+
+@click.group(cls=VbfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("-r", "--repo", envvar="VBFS_REPO", metavar="PATH", help="The repository (or set VBFS_REPO).")
+@click.version_option(__version__, prog_name="vbfs")
+@click.pass_context
+def cli(ctx: click.Context, repo: str | None) -> None:
+    """vbfs: agentless backups of virtual machines into a deduplicated, mountable repository."""
+    ctx.obj = Ctx(repo)
+
+
+# ---- repository --------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option(
+    "-e",
+    "--encryption",
+    type=click.Choice(["repokey", "none"]),
+    required=True,
+    help="repokey: a random key wrapped by your passphrase, stored in the repository; none: plaintext.",
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Disk chunk size in bytes (a power of two).",
+)
+@click.pass_obj
+def init(obj: Ctx, path: str | None, encryption: str, chunk_size: int) -> None:
+    """Create a new repository at PATH (or -r / VBFS_REPO)."""
+    location = path or obj.location()
+    repo = Repository.init(location, encryption, passphrase_provider, chunk_size)
+    click.echo(f"created repository {location} (id {repo.id}, encryption {encryption})")
+    if encryption == "repokey":
+        click.echo("keep the passphrase safe: without it the backups cannot be read", err=True)
+
+
+@cli.command()
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def info(obj: Ctx, json_out: bool) -> None:
+    """Show the repository's settings, where its catalog is, and what it holds."""
+    repo = obj.open_repo()
+    with obj.catalog(repo) as cat:
+        snaps = cat.snapshots()
+        doc = {
+            "location": repo.location,
+            "id": repo.id,
+            "encryption": repo.config["encryption"],
+            "chunk_size": repo.chunk_size,
+            "compression": repo.config["compression"],
+            "catalog": str(repo.catalog_path()),
+            "guests": len(cat.guests()),
+            "snapshots": len(snaps),
+        }
+    if json_out:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for k, v in doc.items():
+            click.echo(f"{k:12} {v}")
+
+
+# ---- backup ------------------------------------------------------------------------------------------------------
+
+
+def _summary_line(m: dict[str, Any]) -> str:
+    s = m["stats"]
+    rate = s["read_bytes"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
+    return (
+        f"{m['guest']}@{m['name']} ({m['id'][:8]}): read {human(s['read_bytes'])}, new {human(s['new_bytes'])}, "
+        f"deduplicated {human(s['dedup_bytes'])}, stored {human(s['stored_bytes'])}, "
+        f"{s['seconds']:.1f} s, {rate:.0f} MB/s"
+    )
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--guest", help="Guest name (default: the one the source URL names).")
+@click.option("--json", "json_out", is_flag=True, help="Print the new snapshot as JSON.")
+@click.pass_obj
+def backup(obj: Ctx, source: str, guest: str | None, json_out: bool) -> None:
+    """Back up SOURCE, e.g. image:///var/lib/images/web01.qcow2."""
+    url = SourceURL.parse(source)
+    hv_cls = registry().hypervisor(url.scheme)
+    repo = obj.open_repo()
+    hv = hv_cls(url, {"guest": guest} if guest else {})
+    try:
+        name = guest or hv.default_guest()
+        if not name:
+            raise SourceError(f"{source} names no guest: give --guest")
+        with repo.lock_shared(), obj.catalog(repo) as cat:
+            manifest = BackupRun(repo, cat, default_manager(), progress_for(json_out)).run(hv, name, source)
+    finally:
+        hv.close()
+    if json_out:
+        click.echo(
+            json.dumps(
+                {k: manifest[k] for k in ("id", "guest", "name", "time", "consistency", "stats", "notes")},
+                indent=2,
+            )
+        )
+    else:
+        for note in manifest["notes"]:
+            click.echo(f"vbfs: note: {note}", err=True)
+        click.echo(_summary_line(manifest))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+def guests(source: str, json_out: bool) -> None:
+    """List the guests that SOURCE offers for backup."""
+    url = SourceURL.parse(source)
+    hv = registry().hypervisor(url.scheme)(url, {})
+    try:
+        found = hv.guests()
+    finally:
+        hv.close()
+    rows = [
+        {
+            "name": g.name,
+            "state": g.state,
+            "disks": [{"name": d.name, "size": d.size} for d in g.disks],
+            **dict(g.details),
+        }
+        for g in found
+    ]
+    if json_out:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        disks = ", ".join(f"{d['name']} ({human(d['size'])})" for d in r["disks"])
+        click.echo(f"{r['name']:24} {r['state']:10} {disks}")
+
+
+# ---- reading -----------------------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--guest", help="Only this guest's snapshots.")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def snapshots(obj: Ctx, guest: str | None, json_out: bool) -> None:
+    """List snapshots, oldest first per guest."""
+    repo = obj.open_repo()
+    with obj.catalog(repo) as cat:
+        rows = cat.snapshots(guest)
+    if json_out:
+        click.echo(json.dumps(rows, indent=2, sort_keys=True))
+        return
+    if not rows:
+        click.echo("no snapshots", err=True)
+        return
+    click.echo(f"{'guest':16} {'snapshot':22} {'id':8}  {'size':>10}  {'consistency':22} disks")
+    for r in rows:
+        size = sum(d["size"] for d in r["disks"])
+        click.echo(
+            f"{r['guest']:16} {r['name']:22} {r['id'][:8]}  {human(size):>10}  "
+            f"{r['consistency'] or '':22} {', '.join(d['name'] for d in r['disks'])}"
+        )
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``GUEST@SNAP:/path`` → (``GUEST@SNAP``, ``/path``); times in SNAP may contain colons, paths start with /."""
+    snap_spec, sep, path = spec.partition(":/")
+    return snap_spec, "/" + path if sep else "/"
+
+
+def _resolve(obj: Ctx, repo: Repository, spec: str) -> tuple[SnapshotDir, str]:
+    snap_spec, path = split_spec(spec)
+    with obj.catalog(repo) as cat:
+        found = cat.resolve(snap_spec)
+    cache = ChunkCache(repo.get_chunk, 64 * 1024 * 1024)
+    return SnapshotDir(repo, repo.load_manifest(found["id"]), cache), path or "/"
+
+
+@cli.command()
+@click.argument("spec")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def ls(obj: Ctx, spec: str, json_out: bool) -> None:
+    """List a folder of a snapshot: GUEST@SNAPSHOT[:/path]."""
+    repo = obj.open_repo()
+    snap, path = _resolve(obj, repo, spec)
+    node = walk_path(snap, path)
+    kids = node.children() if isinstance(node, Dir) else [node]
+    if json_out:
+        rows = [
+            {"name": k.name, "size": k.attr.size, "mode": stat.filemode(k.attr.mode), "mtime_ns": k.attr.mtime_ns}
+            for k in kids
+        ]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for k in kids:
+        when = datetime.fromtimestamp(k.attr.mtime_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+        suffix = "/" if k.attr.is_dir else ""
+        click.echo(f"{stat.filemode(k.attr.mode)} {k.attr.size:>14} {when} {k.name}{suffix}")
+
+
+@cli.command()
+@click.argument("spec")
+@click.argument("target", type=click.Path(path_type=Path))
+@click.pass_obj
+def restore(obj: Ctx, spec: str, target: Path) -> None:
+    """Restore GUEST@SNAPSHOT:/path (a disk image, a file, a folder) to TARGET; disks are written sparse."""
+    if ":/" not in spec:
+        raise VbfsError("restore needs a path: GUEST@SNAPSHOT:/disks/<disk>.img")
+    repo = obj.open_repo()
+    snap, path = _resolve(obj, repo, spec)
+    node = walk_path(snap, path)
+    with repo.lock_shared():
+        stats = run_restore(node, target, progress_for(False))
+    click.echo(f"restored {stats.files} file(s), {human(stats.bytes)} read")
+
+
+@cli.command()
+@click.option("--verify-data", is_flag=True, help="Also read and verify every chunk.")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def check(obj: Ctx, verify_data: bool, json_out: bool) -> None:
+    """Check that every snapshot is whole; with --verify-data, that every chunk is intact."""
+    repo = obj.open_repo()
+    with repo.lock_shared():
+        report = run_check(repo, verify_data, progress_for(json_out))
+    if json_out:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "snapshots": report.snapshots,
+                    "chunks_referenced": report.chunks_referenced,
+                    "chunks_verified": report.chunks_verified,
+                    "errors": report.errors,
+                    "warnings": report.warnings,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for w in report.warnings:
+            click.echo(f"vbfs: warning: {w}", err=True)
+        for e in report.errors:
+            click.echo(f"vbfs: damaged: {e}", err=True)
+        verified = f", {report.chunks_verified} verified" if verify_data else ""
+        click.echo(
+            f"{report.snapshots} snapshot(s), {report.chunks_referenced} chunk(s) referenced{verified}: "
+            f"{'ok' if report.ok else f'{len(report.errors)} error(s)'}"
+        )
+    if not report.ok:
+        sys.exit(3)
+
+
+@cli.group()
+def catalog() -> None:
+    """The catalog (an index that can always be recreated from the repository)."""
+
+
+@catalog.command("rebuild")
+@click.pass_obj
+def catalog_rebuild(obj: Ctx) -> None:
+    """Recreate the catalog from the snapshot manifests alone."""
+    repo = obj.open_repo()
+    cat = Catalog(repo.catalog_path())
+    try:
+        for w in cat.rebuild(repo):
+            click.echo(f"vbfs: warning: {w}", err=True)
+        n = len(cat.snapshots())
+    finally:
+        cat.close()
+    click.echo(f"catalog rebuilt: {n} snapshot(s)")
+
+
+@cli.command()
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+def plugins(json_out: bool) -> None:
+    """List the registered hypervisor, agent and filesystem plugins and where they come from."""
+    reg = registry()
+    rows = [
+        {
+            "kind": r.kind,
+            "name": r.name,
+            "plugin": r.plugin,
+            "from": r.origin,
+            "class": f"{r.cls.__module__}.{r.cls.__qualname__}",
+        }
+        for r in reg.of_kind("hypervisor") + reg.of_kind("agent") + reg.of_kind("filesystem")
+    ]
+    if json_out:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        click.echo(f"{r['kind']:11} {r['name']:12} {r['from']:24} {r['class']}")
+
+
+def main() -> None:
+    cli(prog_name="vbfs")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Backup runs, restore and check: the work between sources and the store."""

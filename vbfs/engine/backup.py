@@ -1,0 +1,322 @@
+"""A backup run: snapshot a guest, read its disks, store chunks, land the manifest.
+
+The data flows one way: the source's bytes are read in the calling thread (one sequential reader) and handed to
+a pool of worker threads that test for zeros, hash, compress, encrypt and store (BLAKE3, zstd, AES and file
+writes release the GIL, so both cores stay busy). At most ``MAX_IN_FLIGHT`` chunks are in memory at once.
+
+Consistency rules kept here:
+- ``vbfs_freeze`` is always followed by ``vbfs_thaw``, whatever fails in between.
+- The hypervisor snapshot is a context manager and is removed on every path out.
+- The change token of each disk is written in the manifest, which lands last; an incremental starts only from a
+  token that landed, and a token the source rejects gives a full read deduplicated by hash.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import pluggy
+
+from vbfs import __version__
+from vbfs.catalog import Catalog, format_time, snapshot_name, summary_of
+from vbfs.errors import SourceError, VbfsError
+from vbfs.failpoints import failpoint
+from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
+from vbfs.store.codec import ID_SIZE, ChunkId
+from vbfs.store.repository import ZERO_ID, Repository
+
+MAX_IN_FLIGHT = 8
+_NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
+
+
+class Progress(Protocol):
+    def begin(self, label: str, total: int) -> None: ...
+
+    def advance(self, n: int) -> None: ...
+
+    def end(self) -> None: ...
+
+
+class NoProgress:
+    def begin(self, label: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+
+@dataclass
+class BackupStats:
+    read_bytes: int = 0  # bytes read from the source
+    new_bytes: int = 0  # plaintext bytes of chunks that were new to the repository
+    dedup_bytes: int = 0  # plaintext bytes of chunks the repository already had
+    zero_bytes: int = 0  # bytes of the disks never stored: unallocated, unchanged or all zeros
+    stored_bytes: int = 0  # bytes written to the repository (compressed, encrypted)
+    new_chunks: int = 0
+    dedup_chunks: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, other: BackupStats) -> None:
+        for k in (
+            "read_bytes",
+            "new_bytes",
+            "dedup_bytes",
+            "zero_bytes",
+            "stored_bytes",
+            "new_chunks",
+            "dedup_chunks",
+        ):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.notes += other.notes
+
+
+def check_name(kind: str, name: str) -> str:
+    if not _NAME_RE.match(name) or name in (".", ".."):
+        raise VbfsError(f"{kind} name {name!r} is not usable as a folder name (letters, digits, . _ + - @ space)")
+    return name
+
+
+def chunk_indices(extents: list[Extent], size: int, chunk_size: int) -> Iterator[int]:
+    """Indices of the chunks that the (sorted) extents touch, each once, in order."""
+    last = -1
+    for e in sorted(extents):
+        if e.length <= 0:
+            continue
+        first = max(e.offset // chunk_size, last + 1)
+        stop = min(-(-min(e.end, size) // chunk_size), -(-size // chunk_size))
+        yield from range(first, stop)
+        last = max(last, stop - 1)
+
+
+class DiskWriter:
+    """Stores the chunks of one disk through the worker pool and builds its chunk list."""
+
+    def __init__(self, repo: Repository, pool: ThreadPoolExecutor, seen: set[ChunkId], seen_lock: threading.Lock):
+        self.repo = repo
+        self.pool = pool
+        self.seen = seen
+        self.seen_lock = seen_lock
+        self.zero = bytes(repo.chunk_size)
+
+    def _store(self, data: bytes) -> tuple[ChunkId, str, int]:
+        if data == self.zero[: len(data)]:
+            return ZERO_ID, "zero", 0
+        cid = self.repo.codec.chunk_id(data)
+        with self.seen_lock:
+            if cid in self.seen:
+                return cid, "dedup", 0
+            self.seen.add(cid)
+        try:
+            if self.repo.has_chunk(cid):
+                return cid, "dedup", 0
+            return cid, "new", self.repo.put_chunk(cid, data)
+        except BaseException:
+            with self.seen_lock:
+                self.seen.discard(cid)
+            raise
+
+    def run(
+        self,
+        snap: GuestSnapshot,
+        disk: DiskInfo,
+        indices: Iterator[int],
+        entries: bytearray,
+        stats: BackupStats,
+        progress: Progress,
+    ) -> None:
+        cs = self.repo.chunk_size
+        pending: dict[Future[tuple[ChunkId, str, int]], tuple[int, int]] = {}
+
+        def settle(done: set[Future[tuple[ChunkId, str, int]]]) -> None:
+            for fut in done:
+                i, n = pending.pop(fut)
+                cid, kind, stored = fut.result()
+                entries[i * ID_SIZE : (i + 1) * ID_SIZE] = cid
+                if kind == "zero":
+                    stats.zero_bytes += n
+                elif kind == "dedup":
+                    stats.dedup_bytes += n
+                    stats.dedup_chunks += 1
+                else:
+                    stats.new_bytes += n
+                    stats.new_chunks += 1
+                    stats.stored_bytes += stored
+                progress.advance(n)
+
+        try:
+            for i in indices:
+                length = min(cs, disk.size - i * cs)
+                data = snap.read(disk, i * cs, length)
+                if len(data) != length:
+                    raise SourceError(
+                        f"disk {disk.name}: the source gave {len(data)} bytes at offset {i * cs}, expected {length}"
+                    )
+                stats.read_bytes += length
+                pending[self.pool.submit(self._store, data)] = (i, length)
+                if len(pending) >= MAX_IN_FLIGHT:
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    settle(done)
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                settle(done)
+        finally:
+            for fut in pending:
+                fut.cancel()
+            if pending:
+                wait(pending)
+
+
+class BackupRun:
+    def __init__(self, repo: Repository, catalog: Catalog, pm: pluggy.PluginManager, progress: Progress | None = None):
+        self.repo = repo
+        self.catalog = catalog
+        self.pm = pm
+        self.progress = progress or NoProgress()
+
+    def _previous_disks(self, guest: str) -> dict[str, dict[str, Any]]:
+        prev = self.catalog.latest(guest)
+        if prev is None:
+            return {}
+        try:
+            manifest = self.repo.load_manifest(prev["id"])
+        except VbfsError:
+            return {}
+        return {d["name"]: d for d in manifest["disks"]}
+
+    def _backup_disk(
+        self, snap: GuestSnapshot, disk: DiskInfo, prev: dict[str, Any] | None, writer: DiskWriter
+    ) -> tuple[dict[str, Any], BackupStats]:
+        cs = self.repo.chunk_size
+        count = -(-disk.size // cs)
+        stats = BackupStats()
+        mode = "full"
+        extents: list[Extent] | None = None
+        entries: bytearray | None = None
+        token = prev.get("token") if prev else None
+        if prev and token and prev["size"] == disk.size and prev["chunk_size"] == cs:
+            changed = snap.changed_extents(disk, token)
+            if changed is not None:
+                try:
+                    entries = bytearray(self.repo.read_index(prev["index"]))
+                except VbfsError as exc:
+                    stats.notes.append(f"disk {disk.name}: previous chunk list unreadable ({exc}); full read")
+                else:
+                    if len(entries) == count * ID_SIZE:
+                        mode, extents = "incremental", changed
+                    else:
+                        entries = None
+            else:
+                stats.notes.append(f"disk {disk.name}: change token rejected by the source; full read, deduplicated")
+        elif prev and token:
+            stats.notes.append(f"disk {disk.name}: size or chunk size changed; full read, deduplicated")
+        if mode == "full":
+            entries = bytearray(count * ID_SIZE)
+            extents = snap.allocated_extents(disk)
+            if extents is None:
+                extents = [Extent(0, disk.size)]
+        assert entries is not None and extents is not None
+        indices = list(chunk_indices(extents, disk.size, cs))
+        to_read = sum(min(cs, disk.size - i * cs) for i in indices)
+        if mode == "full":
+            stats.zero_bytes += disk.size - to_read
+        self.progress.begin(f"{disk.name}", to_read)
+        try:
+            writer.run(snap, disk, iter(indices), entries, stats, self.progress)
+        finally:
+            self.progress.end()
+        record = {
+            "name": disk.name,
+            "size": disk.size,
+            "chunk_size": cs,
+            "index": self.repo.write_index(bytes(entries), ID_SIZE),
+            "token": snap.change_token(disk),
+            "mode": mode,
+            "read_bytes": stats.read_bytes,
+            "details": dict(disk.details),
+        }
+        return record, stats
+
+    def run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
+        check_name("guest", guest)
+        started = time.monotonic()
+        stats = BackupStats()
+        removed = hv.remove_leftovers(guest)
+        stats.notes += [f"removed leftover snapshot {r}" for r in removed]
+        prev_disks = self._previous_disks(guest)
+        seen: set[ChunkId] = set()
+        seen_lock = threading.Lock()
+        with ExitStack() as stack:
+            ctx: dict[str, Any] = {}
+            try:
+                self.pm.hook.vbfs_freeze(guest=guest, ctx=ctx)
+                snap = stack.enter_context(hv.snapshot(guest))
+            finally:
+                self.pm.hook.vbfs_thaw(guest=guest, ctx=ctx)
+            when = datetime.now(UTC)
+            failpoint("before-chunks")
+            pool = stack.enter_context(
+                ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vbfs-store")
+            )
+            writer = DiskWriter(self.repo, pool, seen, seen_lock)
+            disks = snap.disks()
+            names = [check_name("disk", d.name) for d in disks]
+            if len(set(names)) != len(names):
+                raise SourceError(f"guest {guest} has two disks with the same name: {names}")
+            disk_records = []
+            for disk in disks:
+                record, dstats = self._backup_disk(snap, disk, prev_disks.get(disk.name), writer)
+                disk_records.append(record)
+                stats.add(dstats)
+            failpoint("after-chunks")
+            config = {}
+            for fname, content in sorted(snap.config_files().items()):
+                ref, stored = self.repo.put_bytes(content)
+                config[check_name("config file", fname)] = ref.to_json()
+                stats.stored_bytes += stored
+            metadata = snap.metadata()
+            consistency = snap.consistency
+        stats.seconds = round(time.monotonic() - started, 3)
+        name = snapshot_name(when)
+        n = 1
+        while self.catalog.name_taken(guest, name):
+            n += 1
+            name = f"{snapshot_name(when)}-{n}"
+        manifest = {
+            "version": 1,
+            "id": secrets.token_hex(16),
+            "guest": guest,
+            "name": name,
+            "time": format_time(when),
+            "finished": format_time(datetime.now(UTC)),
+            "source": {"hypervisor": hv.scheme, "url": _redact(source_url)},
+            "consistency": consistency,
+            "metadata": metadata,
+            "disks": disk_records,
+            "config": config,
+            "stats": {k: v for k, v in asdict(stats).items() if k != "notes"},
+            "notes": stats.notes,
+            "vbfs_version": __version__,
+        }
+        self.repo.commit_manifest(manifest)
+        self.catalog.add(manifest)
+        self.pm.hook.vbfs_snapshot_committed(snapshot=summary_of(manifest))
+        return manifest
+
+
+def _redact(url: str) -> str:
+    """Source URLs never carry passwords into the repository."""
+    return re.sub(r"(://[^/@:]+):[^/@]*@", r"\1@", url)

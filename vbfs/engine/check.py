@@ -1,0 +1,135 @@
+"""Check: is every snapshot in the repository whole, and (with ``verify_data``) is every chunk intact?
+
+Without ``verify_data`` the check reads every manifest and chunk list and makes sure every chunk they name exists.
+With it, every chunk is also read, decrypted, decompressed and hashed; a bad chunk is reported with each snapshot,
+disk and offset that uses it. The check never changes the repository.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from vbfs.engine.backup import NoProgress, Progress
+from vbfs.errors import VbfsError
+from vbfs.store.backend import LocalBackend
+from vbfs.store.codec import ID_SIZE, ChunkId
+from vbfs.store.repository import STREAM_ENTRY, ZERO_ID, Repository, chunk_name_to_id
+
+
+@dataclass
+class CheckReport:
+    snapshots: int = 0
+    chunks_referenced: int = 0
+    chunks_verified: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+Where = tuple[str, str, str, int]  # snapshot label, kind, item name, offset
+
+
+def check(repo: Repository, verify_data: bool = False, progress: Progress | None = None) -> CheckReport:
+    progress = progress or NoProgress()
+    report = CheckReport()
+    stored: set[ChunkId] = set()
+    for name in repo.backend.list("chunks/"):
+        cid = chunk_name_to_id(name)
+        if cid is None:
+            report.warnings.append(f"unexpected object {name}")
+        else:
+            stored.add(cid)
+    if isinstance(repo.backend, LocalBackend):
+        tmp = repo.backend.leftover_temporaries()
+        if tmp:
+            report.warnings.append(f"{len(tmp)} temporary file(s) left by interrupted writes (harmless)")
+    uses: dict[ChunkId, list[Where]] = defaultdict(list)
+
+    def need(cid: ChunkId, where: Where) -> bool:
+        if cid not in stored:
+            report.errors.append(f"{_where(where)}: chunk {cid.hex()[:16]} is missing")
+            return False
+        uses[cid].append(where)
+        return True
+
+    for snap_id in repo.snapshot_ids():
+        try:
+            m = repo.load_manifest(snap_id)
+        except VbfsError as exc:
+            report.errors.append(f"snapshot {snap_id}: {exc}")
+            continue
+        report.snapshots += 1
+        label = f"{m['guest']}@{m['name']} ({snap_id[:8]})"
+        for d in m["disks"]:
+            _check_disk(repo, label, d, need, report)
+        for cname, ref in m.get("config", {}).items():
+            _check_stream(repo, label, "config", cname, ref, need, report)
+
+    report.chunks_referenced = len(uses)
+    if verify_data:
+        progress.begin("verify", len(uses))
+
+        def verify(cid: ChunkId) -> str | None:
+            try:
+                repo.get_chunk(cid)
+            except VbfsError as exc:
+                return str(exc)
+            return None
+
+        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="vbfs-check") as pool:
+            for cid, err in zip(uses, pool.map(verify, list(uses)), strict=True):
+                progress.advance(1)
+                report.chunks_verified += 1
+                if err:
+                    for where in uses[cid]:
+                        report.errors.append(f"{_where(where)}: chunk {cid.hex()[:16]} is damaged")
+        progress.end()
+    return report
+
+
+def _where(w: Where) -> str:
+    label, kind, name, off = w
+    return f"{label} {kind} {name} " + ("chunk list" if off < 0 else f"offset {off}")
+
+
+def _check_disk(repo: Repository, label: str, d: dict[str, Any], need: Any, report: CheckReport) -> None:
+    count = -(-int(d["size"]) // int(d["chunk_size"]))
+    for piece in d["index"]:
+        need(bytes.fromhex(piece), (label, "disk", d["name"], -1))
+    try:
+        raw = repo.read_index(d["index"])
+    except VbfsError as exc:
+        report.errors.append(f"{label} disk {d['name']}: chunk list unreadable: {exc}")
+        return
+    if len(raw) != count * ID_SIZE:
+        report.errors.append(f"{label} disk {d['name']}: chunk list has the wrong length")
+        return
+    for i in range(count):
+        cid = raw[i * ID_SIZE : (i + 1) * ID_SIZE]
+        if cid != ZERO_ID:
+            need(cid, (label, "disk", d["name"], i * int(d["chunk_size"])))
+
+
+def _check_stream(
+    repo: Repository, label: str, kind: str, name: str, ref: dict[str, Any], need: Any, report: CheckReport
+) -> None:
+    for piece in ref["index"]:
+        need(bytes.fromhex(piece), (label, kind, name, -1))
+    try:
+        raw = repo.read_index(ref["index"])
+    except VbfsError as exc:
+        report.errors.append(f"{label} {kind} {name}: chunk list unreadable: {exc}")
+        return
+    pos = 0
+    for off in range(0, len(raw), STREAM_ENTRY.size):
+        cid, length = STREAM_ENTRY.unpack_from(raw, off)
+        need(cid, (label, kind, name, pos))
+        pos += length
+    if pos != int(ref["size"]):
+        report.errors.append(f"{label} {kind} {name}: chunk list does not add up to the size")

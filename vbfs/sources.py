@@ -1,0 +1,144 @@
+"""The plugin-facing protocols and data classes: what a hypervisor plugin gives the backup engine.
+
+One model for every hypervisor: a guest is snapshotted; the snapshot has disks; each disk gives the extents that
+changed since a change token (or "unknown"), the extents that are allocated at all (or "unknown"), bytes at an
+offset, and the token to keep for next time. The engine commits that token together with the manifest, never
+before, and falls back to reading everything (deduplicated by hash) whenever a token is missing or rejected.
+
+Plugin calls are blocking; the engine runs them in worker threads. A plugin may be called from a thread other
+than the one that created it, but never from two threads at once for the same snapshot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+from urllib.parse import unquote, urlsplit
+
+from vbfs.errors import SourceError
+
+ChangeToken = str
+"""A hypervisor's opaque marker for "the disk as it was at this backup" (changeId, checkpoint, RCT id, ...)."""
+
+CRASH_CONSISTENT = "crash-consistent"
+FILESYSTEM_CONSISTENT = "filesystem-consistent"
+APPLICATION_CONSISTENT = "application-consistent"
+
+
+@dataclass(frozen=True, order=True)
+class Extent:
+    """A byte range of a virtual disk."""
+
+    offset: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """One virtual disk of a guest. ``name`` becomes ``disks/<name>.img`` in the tree and must be stable."""
+
+    name: str
+    size: int
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GuestInfo:
+    name: str
+    state: str
+    disks: tuple[DiskInfo, ...]
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceURL:
+    """``scheme://[user@]host/path`` of a backup source, e.g. ``image:///var/lib/images/web01.qcow2``."""
+
+    scheme: str
+    user: str | None
+    host: str | None
+    port: int | None
+    path: str
+    raw: str
+
+    @classmethod
+    def parse(cls, text: str) -> SourceURL:
+        if "://" not in text:
+            raise SourceError(f"{text!r} is not a source URL (expected scheme://..., e.g. image:///path/disk.qcow2)")
+        parts = urlsplit(text)
+        try:
+            port = parts.port
+        except ValueError:
+            raise SourceError(f"bad port in source URL {text!r}") from None
+        return cls(
+            parts.scheme.lower(),
+            unquote(parts.username) if parts.username else None,
+            parts.hostname,
+            port,
+            unquote(parts.path),
+            text,
+        )
+
+
+class GuestSnapshot(Protocol):
+    """A point-in-time view of one guest's disks, valid inside :meth:`Hypervisor.snapshot`."""
+
+    consistency: str
+
+    def disks(self) -> list[DiskInfo]: ...
+
+    def allocated_extents(self, disk: DiskInfo) -> list[Extent] | None:
+        """Extents that may hold data (sorted, non-overlapping); ``None`` if the source cannot tell."""
+        ...
+
+    def changed_extents(self, disk: DiskInfo, since: ChangeToken) -> list[Extent] | None:
+        """Extents changed since ``since``; ``None`` when unknown or the token was rejected (full read follows)."""
+        ...
+
+    def read(self, disk: DiskInfo, offset: int, length: int) -> bytes:
+        """Exactly ``length`` bytes (fewer only at the end of the disk); raise :class:`SourceError` on failure."""
+        ...
+
+    def change_token(self, disk: DiskInfo) -> ChangeToken | None: ...
+
+    def metadata(self) -> dict[str, Any]:
+        """JSON-able facts about the guest shown as ``vm.json`` (config, tools state, ...)."""
+        ...
+
+    def config_files(self) -> dict[str, bytes]:
+        """Original configuration files (.vmx, domain XML, ...) to keep under ``config/``."""
+        ...
+
+
+class Hypervisor(Protocol):
+    """A connection to one hypervisor (or image store), made from a source URL."""
+
+    scheme: ClassVar[str]
+
+    def guests(self) -> list[GuestInfo]: ...
+
+    def default_guest(self) -> str | None:
+        """The guest that the URL itself names, if any (``.../vm/web01`` names web01)."""
+        ...
+
+    def remove_leftovers(self, guest: str) -> list[str]:
+        """Remove snapshots that an earlier vbfs run left behind; return what was removed."""
+        ...
+
+    def snapshot(self, guest: str) -> AbstractContextManager[GuestSnapshot]:
+        """Take a snapshot; the context manager removes it on exit whatever happened inside."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class HypervisorFactory(Protocol):
+    scheme: ClassVar[str]
+
+    def __call__(self, url: SourceURL, options: Mapping[str, Any]) -> Hypervisor: ...

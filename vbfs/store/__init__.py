@@ -1,0 +1,1 @@
+"""The repository: backends, the chunk codec, chunk lists, manifests and locks."""

@@ -1,0 +1,296 @@
+"""The repository: config, key, chunks, chunk lists (indexes), streams and snapshot manifests.
+
+Layout on the backend (documented for users in docs/repository-format.md)::
+
+    config                  JSON, plaintext: format version, id, chunk size, hash, compression, encryption
+    keys/repokey            the wrapped master key (encrypted repositories only)
+    chunks/<ab>/<id hex>    one immutable object per chunk, named by its (keyed) BLAKE3 id
+    snapshots/<id>          one immutable manifest per snapshot, encoded like a chunk
+    locks/                  see locks.py
+
+A disk is a list of fixed-size chunks aligned to the disk: entry ``i`` covers bytes ``[i*chunk_size,
+(i+1)*chunk_size)``; the all-zero id stands for a chunk of zeros, which is never stored. A stream (a config file,
+a database dump) is a list of content-defined chunks with their lengths. Both lists are cut into pieces of
+``INDEX_PIECE_ENTRIES`` entries and each piece is stored as an ordinary chunk, so unchanged parts of a 1 TiB disk's
+list are shared between snapshots and a manifest stays a few KiB however large the disk is.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pyfastcdc.cy import FastCDC
+
+from vbfs.errors import (
+    IntegrityError,
+    ObjectMissing,
+    RepositoryExists,
+    RepositoryFormatError,
+    RepositoryNotFound,
+    VbfsError,
+)
+from vbfs.failpoints import failpoint
+from vbfs.store.backend import Backend, LocalBackend
+from vbfs.store.codec import ID_SIZE, ChunkId, Codec
+from vbfs.store.keys import create_key, unlock_key
+from vbfs.store.locks import EXCLUSIVE, SHARED, RepositoryLock, locked
+
+REPO_FORMAT = "vbfs-repository"
+REPO_VERSION = 1
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+CDC_MIN, CDC_AVG, CDC_MAX = 256 * 1024, 1024 * 1024, 4 * 1024 * 1024
+INDEX_PIECE_ENTRIES = 65536
+ZERO_ID: ChunkId = bytes(ID_SIZE)
+STREAM_ENTRY = struct.Struct("<32sQ")
+MANIFEST_VERSION = 1
+
+PassphraseProvider = Callable[[bool], str]
+"""Called with ``confirm`` (True when a new passphrase is being chosen); returns the passphrase."""
+
+
+def chunk_object_name(cid: ChunkId) -> str:
+    h = cid.hex()
+    return f"chunks/{h[:2]}/{h}"
+
+
+@dataclass(frozen=True)
+class StreamRef:
+    size: int
+    index: list[str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"size": self.size, "index": self.index}
+
+
+class Repository:
+    def __init__(self, backend: Backend, config: dict[str, Any], codec: Codec, location: str):
+        self.backend = backend
+        self.config = config
+        self.codec = codec
+        self.location = location
+
+    # ---- creation and opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def init(
+        cls,
+        location: str,
+        encryption: str,
+        passphrase: PassphraseProvider,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> Repository:
+        if encryption not in ("none", "repokey"):
+            raise VbfsError(f"unknown encryption mode {encryption!r} (use 'repokey' or 'none')")
+        if chunk_size < 64 * 1024 or chunk_size > 16 * 1024 * 1024 or chunk_size & (chunk_size - 1):
+            raise VbfsError("chunk size must be a power of two between 64 KiB and 16 MiB")
+        root = Path(location)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise RepositoryExists(f"{location} exists and is not an empty directory")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise VbfsError(f"cannot create {location}: {exc.strerror}") from None
+        backend = LocalBackend(root)
+        config = {
+            "format": REPO_FORMAT,
+            "version": REPO_VERSION,
+            "id": uuid.uuid4().hex,
+            "chunk_size": chunk_size,
+            "hash": "blake3-keyed" if encryption == "repokey" else "blake3",
+            "compression": "zstd",
+            "zstd_level": 3,
+            "cdc": {"algorithm": "fastcdc2020", "min": CDC_MIN, "avg": CDC_AVG, "max": CDC_MAX},
+            "encryption": encryption,
+        }
+        codec = Codec(id_key=None, enc_key=None)
+        if encryption == "repokey":
+            keyfile, key = create_key(passphrase(True))
+            backend.put("keys/repokey", keyfile)
+            codec = Codec(id_key=key.id_key, enc_key=key.enc_key)
+        for d in ("chunks", "snapshots", "locks"):
+            (root / d).mkdir(exist_ok=True)
+        # The config is written last: a directory without it is not a repository yet.
+        backend.put("config", json.dumps(config, indent=2).encode() + b"\n")
+        backend.flush()
+        return cls(backend, config, codec, location)
+
+    @classmethod
+    def open(cls, location: str, passphrase: PassphraseProvider) -> Repository:
+        root = Path(location)
+        if not (root / "config").is_file():
+            if not root.exists():
+                raise RepositoryNotFound(f"no repository at {location} (the path does not exist)")
+            raise RepositoryNotFound(f"no repository at {location} (no config file; create one with vbfs init)")
+        backend = LocalBackend(root)
+        try:
+            config = json.loads(backend.get("config"))
+        except (ValueError, UnicodeDecodeError):
+            raise RepositoryFormatError(f"the repository config at {location} is damaged") from None
+        if config.get("format") != REPO_FORMAT:
+            raise RepositoryFormatError(f"{location} is not a vbfs repository")
+        if config.get("version") != REPO_VERSION:
+            raise RepositoryFormatError(
+                f"repository format version {config.get('version')} is not supported by this vbfs"
+            )
+        if config["encryption"] == "repokey":
+            key = unlock_key(backend.get("keys/repokey"), passphrase(False))
+            codec = Codec(id_key=key.id_key, enc_key=key.enc_key, zstd_level=config.get("zstd_level", 3))
+        elif config["encryption"] == "none":
+            codec = Codec(id_key=None, enc_key=None, zstd_level=config.get("zstd_level", 3))
+        else:
+            raise RepositoryFormatError(f"unknown encryption {config['encryption']!r}")
+        return cls(backend, config, codec, location)
+
+    # ---- properties ---------------------------------------------------------------------------------------------
+
+    @property
+    def id(self) -> str:
+        return str(self.config["id"])
+
+    @property
+    def chunk_size(self) -> int:
+        return int(self.config["chunk_size"])
+
+    @property
+    def encrypted(self) -> bool:
+        return self.codec.encrypted
+
+    def catalog_path(self) -> Path:
+        """Beside the data for a plaintext repository; in the user's cache for an encrypted one."""
+        if not self.encrypted:
+            return Path(self.location) / "catalog.sqlite"
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        return cache / "vbfs" / self.id / "catalog.sqlite"
+
+    def lock_shared(self, timeout: float = 60.0) -> AbstractContextManager[RepositoryLock]:
+        return locked(self.backend, SHARED, timeout)
+
+    def lock_exclusive(self, timeout: float = 0.0) -> AbstractContextManager[RepositoryLock]:
+        return locked(self.backend, EXCLUSIVE, timeout)
+
+    # ---- chunks -------------------------------------------------------------------------------------------------
+
+    def has_chunk(self, cid: ChunkId) -> bool:
+        return self.backend.exists(chunk_object_name(cid))
+
+    def put_chunk(self, cid: ChunkId, data: bytes | memoryview) -> int:
+        """Store a chunk; returns the number of bytes it takes on the backend."""
+        name = chunk_object_name(cid)
+        blob = self.codec.encode(data, name)
+        self.backend.put(name, blob)
+        failpoint("chunk-written")
+        return len(blob)
+
+    def get_chunk(self, cid: ChunkId) -> bytes:
+        name = chunk_object_name(cid)
+        return self.codec.open_chunk(self.backend.get(name), cid, name)
+
+    def store_blob(self, data: bytes) -> tuple[ChunkId, int]:
+        """Store ``data`` as a chunk if it is not there yet; return its id and the bytes newly stored."""
+        cid = self.codec.chunk_id(data)
+        if self.has_chunk(cid):
+            return cid, 0
+        return cid, self.put_chunk(cid, data)
+
+    # ---- indexes (chunk lists) ----------------------------------------------------------------------------------
+
+    def write_index(self, entries: bytes, entry_size: int) -> list[str]:
+        piece = INDEX_PIECE_ENTRIES * entry_size
+        ids = []
+        for off in range(0, len(entries), piece):
+            cid, _ = self.store_blob(entries[off : off + piece])
+            ids.append(cid.hex())
+        return ids
+
+    def read_index_piece(self, piece_id: str) -> bytes:
+        try:
+            return self.get_chunk(bytes.fromhex(piece_id))
+        except ValueError:
+            raise IntegrityError(f"bad chunk-list id {piece_id!r} in a manifest") from None
+
+    def read_index(self, piece_ids: list[str]) -> bytes:
+        return b"".join(self.read_index_piece(p) for p in piece_ids)
+
+    # ---- streams --------------------------------------------------------------------------------------------------
+
+    def put_stream(self, fh: BinaryIO) -> tuple[StreamRef, int, int]:
+        """Store a byte stream with content-defined chunks; return (ref, bytes read, bytes newly stored)."""
+        cdc = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
+        entries = bytearray()
+        size = stored = 0
+        for chunk in cdc.cut_stream(fh):
+            data = bytes(chunk.data)
+            cid, new = self.store_blob(data)
+            stored += new
+            size += len(data)
+            entries += STREAM_ENTRY.pack(cid, len(data))
+        return StreamRef(size, self.write_index(bytes(entries), STREAM_ENTRY.size)), size, stored
+
+    def put_bytes(self, data: bytes) -> tuple[StreamRef, int]:
+        ref, _size, stored = self.put_stream(io.BytesIO(data))
+        return ref, stored
+
+    def stream_chunks(self, ref: dict[str, Any]) -> Iterator[tuple[ChunkId, int]]:
+        for piece in ref["index"]:
+            raw = self.read_index_piece(piece)
+            for off in range(0, len(raw), STREAM_ENTRY.size):
+                yield STREAM_ENTRY.unpack_from(raw, off)
+
+    def read_stream(self, ref: dict[str, Any]) -> Iterator[bytes]:
+        for cid, length in self.stream_chunks(ref):
+            data = self.get_chunk(cid)
+            if len(data) != length:
+                raise IntegrityError(f"chunk {cid.hex()} has the wrong length")
+            yield data
+
+    # ---- manifests ------------------------------------------------------------------------------------------------
+
+    def snapshot_ids(self) -> list[str]:
+        return sorted(name.split("/", 1)[1] for name in self.backend.list("snapshots/"))
+
+    def load_manifest(self, snap_id: str) -> dict[str, Any]:
+        name = f"snapshots/{snap_id}"
+        raw = self.codec.decode(self.backend.get(name), name)
+        try:
+            manifest = json.loads(raw)
+        except ValueError:
+            raise IntegrityError(f"snapshot manifest {snap_id} is damaged") from None
+        if manifest.get("id") != snap_id:
+            raise IntegrityError(f"snapshot manifest {snap_id} names another snapshot")
+        if manifest.get("version", 0) > MANIFEST_VERSION:
+            raise RepositoryFormatError(f"snapshot {snap_id} was written by a newer vbfs")
+        return dict(manifest)
+
+    def commit_manifest(self, manifest: dict[str, Any]) -> None:
+        """Make every object written so far durable, then land the manifest atomically."""
+        failpoint("before-manifest")
+        self.backend.flush()
+        name = f"snapshots/{manifest['id']}"
+        self.backend.put(name, self.codec.encode(json.dumps(manifest, sort_keys=True).encode(), name))
+        self.backend.flush()
+        failpoint("after-manifest")
+
+    def delete_manifest(self, snap_id: str) -> None:
+        self.backend.delete(f"snapshots/{snap_id}")
+        self.backend.flush()
+
+
+def chunk_name_to_id(name: str) -> ChunkId | None:
+    base = name.rsplit("/", 1)[-1]
+    try:
+        cid = bytes.fromhex(base)
+    except ValueError:
+        return None
+    return cid if len(cid) == ID_SIZE else None
+
+
+__all__ = ["ZERO_ID", "ObjectMissing", "Repository", "StreamRef", "chunk_name_to_id", "chunk_object_name"]
