@@ -1,26 +1,40 @@
 """The repository as a tree of plain objects: guests, snapshots, and what each snapshot holds.
 
-This module defines what a snapshot looks like as a filesystem (DESIGN.md section 5) and nothing about how that
-tree is served: the CLI (``ls``, ``restore``) and the FUSE adapter both walk it. Errors are domain errors
-(:class:`PathNotFound`, :class:`IntegrityError`); the adapters map them to exit codes or errnos.
+This module defines what the repository looks like as a filesystem (DESIGN.md section 5) and nothing about how
+that tree is served: the CLI (``ls``, ``restore``) and the FUSE adapter both walk it. Errors are domain errors
+(:class:`PathNotFound`, :class:`IntegrityError`, :class:`GuestDataError`); the adapters map them to exit codes or
+errnos. Every node has a ``key`` that names it stably (hard links of a guest share one), from which the FUSE
+adapter makes inode numbers.
 
-Snapshot folder::
+::
 
-    vm.json                 the hypervisor's metadata and how consistent the snapshot is
-    config/<file>           original configuration files, when the hypervisor gives them
-    disks/<disk>.img        each disk as a raw image, random access
+    <guest>/latest -> <snapshot>
+    <guest>/<snapshot>/vm.json
+                       config/<file>
+                       disks/<disk>.img                 and <disk>-p<N>.img for partitions with no known filesystem
+                       files/<disk>/<volume>/...        volume: p<N>, <vg>-<lv> or whole
+
+Listing the root or a guest asks the catalog (one indexed query); a snapshot's manifest is read only when
+something inside that snapshot is looked at, so a repository with ten thousand snapshots mounts at once.
+Symlinks of the guest are shown as they are and are never followed by vbfs itself.
 """
 
 from __future__ import annotations
 
 import json
 import stat
-from collections.abc import Iterator
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from vbfs.errors import PathNotFound
+from vbfs.errors import PathNotFound, VbfsError
+from vbfs.guestfs.filesystems import BUILTIN as BUILTIN_FILESYSTEMS
+from vbfs.guestfs.model import GuestDataError, GuestEntry, GuestFS
+from vbfs.guestfs.stream import RangeReader
+from vbfs.guestfs.volumes import Volume, discover
 from vbfs.store.cache import ChunkCache
 from vbfs.store.objects import DiskImage, StreamFile
 from vbfs.store.repository import ZERO_ID, Repository
@@ -34,6 +48,8 @@ class Attr:
     uid: int = 0
     gid: int = 0
     nlink: int = 1
+    atime_ns: int | None = None
+    ctime_ns: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -43,6 +59,8 @@ class Attr:
 class Node:
     name: str
     attr: Attr
+    key: Hashable
+    immutable = True  # its attributes and contents never change (snapshots); False for guest lists, `latest`
 
 
 class Dir(Node):
@@ -65,19 +83,35 @@ class File(Node):
         return None
 
 
+class Symlink(Node):
+    target: str
+
+
+def _dir_attr(mtime_ns: int) -> Attr:
+    return Attr(stat.S_IFDIR | 0o555, 0, mtime_ns, nlink=2)
+
+
 class StaticDir(Dir):
-    def __init__(self, name: str, mtime_ns: int, kids: list[Node]):
+    def __init__(self, name: str, key: Hashable, mtime_ns: int, kids: list[Node]):
         self.name = name
-        self.attr = Attr(stat.S_IFDIR | 0o555, 0, mtime_ns, nlink=2)
-        self._kids = kids
+        self.key = key
+        self.attr = _dir_attr(mtime_ns)
+        self._kids = {k.name: k for k in kids}
 
     def children(self) -> list[Node]:
-        return list(self._kids)
+        return list(self._kids.values())
+
+    def lookup(self, name: str) -> Node:
+        try:
+            return self._kids[name]
+        except KeyError:
+            raise PathNotFound(f"no {name!r} here") from None
 
 
 class BytesFile(File):
-    def __init__(self, name: str, data: bytes, mtime_ns: int):
+    def __init__(self, name: str, key: Hashable, data: bytes, mtime_ns: int):
         self.name = name
+        self.key = key
         self.data = data
         self.attr = Attr(stat.S_IFREG | 0o444, len(data), mtime_ns)
 
@@ -86,8 +120,9 @@ class BytesFile(File):
 
 
 class DiskFile(File):
-    def __init__(self, image: DiskImage, mtime_ns: int):
+    def __init__(self, image: DiskImage, key: Hashable, mtime_ns: int):
         self.name = f"{image.name}.img"
+        self.key = key
         self.image = image
         self.attr = Attr(stat.S_IFREG | 0o444, image.size, mtime_ns)
 
@@ -100,9 +135,25 @@ class DiskFile(File):
                 yield i * self.image.chunk_size, self.image.chunk_length(i)
 
 
-class StreamNode(File):
-    def __init__(self, name: str, stream: StreamFile, mtime_ns: int):
+class VolumeFile(File):
+    """A partition shown as an image of its own (when its filesystem is not known)."""
+
+    def __init__(self, name: str, key: Hashable, image: DiskImage, offset: int, size: int, mtime_ns: int):
         self.name = name
+        self.key = key
+        self.image = image
+        self.offset = offset
+        self.attr = Attr(stat.S_IFREG | 0o444, size, mtime_ns)
+
+    def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.attr.size - offset))
+        return self.image.read(self.offset + offset, length)
+
+
+class StreamNode(File):
+    def __init__(self, name: str, key: Hashable, stream: StreamFile, mtime_ns: int):
+        self.name = name
+        self.key = key
         self.stream = stream
         self.attr = Attr(stat.S_IFREG | 0o444, stream.size, mtime_ns)
 
@@ -110,77 +161,431 @@ class StreamNode(File):
         return self.stream.read(offset, length)
 
 
-def _time_ns(iso: str) -> int:
+class LinkNode(Symlink):
+    def __init__(self, name: str, key: Hashable, target: str, mtime_ns: int, immutable: bool = True):
+        self.name = name
+        self.key = key
+        self.target = target
+        self.immutable = immutable
+        self.attr = Attr(stat.S_IFLNK | 0o777, len(target.encode()), mtime_ns)
+
+
+# ---- guest files -------------------------------------------------------------------------------------------------
+
+
+def _guest_attr(e: GuestEntry) -> Attr:
+    return Attr(e.mode, e.size, e.mtime_ns, e.uid, e.gid, e.nlink, e.atime_ns, e.ctime_ns)
+
+
+def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...]) -> Node:
+    key = (*base_key, entry.ino)
+    if entry.is_dir:
+        return GuestDirNode(fs, entry, base_key)
+    if entry.is_symlink:
+        node = LinkNode(entry.name, key, entry.target or "", entry.mtime_ns)
+        node.attr = _guest_attr(entry)
+        return node
+    return GuestFileNode(fs, entry, key)
+
+
+class GuestDirNode(Dir):
+    def __init__(self, fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...]):
+        self.fs = fs
+        self.entry = entry
+        self.name = entry.name
+        self.base_key = base_key
+        self.key = (*base_key, entry.ino)
+        self.attr = _guest_attr(entry)
+        self._kids: dict[str, Node] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, Node]:
+        with self._lock:
+            if self._kids is None:
+                self._kids = {e.name: guest_node(self.fs, e, self.base_key) for e in self.fs.listdir(self.entry)}
+            return self._kids
+
+    def children(self) -> list[Node]:
+        return list(self._load().values())
+
+    def lookup(self, name: str) -> Node:
+        try:
+            return self._load()[name]
+        except KeyError:
+            raise PathNotFound(f"no {name!r} here") from None
+
+
+class GuestFileNode(File):
+    def __init__(self, fs: GuestFS, entry: GuestEntry, key: Hashable):
+        self.fs = fs
+        self.entry = entry
+        self.name = entry.name
+        self.key = key
+        self.attr = _guest_attr(entry)
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.attr.size:
+            return b""
+        return self.fs.read(self.entry, offset, length)
+
+
+class VolumeRoot(GuestDirNode):
+    """The root folder of one guest filesystem, named after its volume (p1, vg0-root, whole)."""
+
+    def __init__(self, fs: GuestFS, volume: Volume, base_key: tuple[Hashable, ...]):
+        super().__init__(fs, fs.root(), base_key)
+        self.name = volume.name
+
+
+# ---- snapshots ---------------------------------------------------------------------------------------------------
+
+
+def time_ns(iso: str) -> int:
     t = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
     return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
-def vm_json(manifest: dict[str, Any]) -> bytes:
-    doc = {
-        "guest": manifest["guest"],
-        "snapshot": {
-            "id": manifest["id"],
-            "name": manifest["name"],
-            "time": manifest["time"],
-            "finished": manifest.get("finished"),
-        },
-        "source": manifest["source"],
-        "consistency": manifest.get("consistency"),
-        "disks": [
-            {"name": d["name"], "size": d["size"], "mode": d.get("mode"), "details": d.get("details", {})}
-            for d in manifest["disks"]
-        ],
-        "metadata": manifest.get("metadata", {}),
-        "notes": manifest.get("notes", []),
-    }
-    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+FilesystemFactory = Callable[[str], Any]
 
 
-class SnapshotDir(Dir):
-    """One snapshot's folder; children are built lazily from its manifest."""
+class SnapshotTree:
+    """What one snapshot holds; built lazily from its manifest. Thread-safe."""
 
-    def __init__(self, repo: Repository, manifest: dict[str, Any], cache: ChunkCache):
+    def __init__(self, repo: Repository, manifest: dict[str, Any], cache: ChunkCache,
+                 filesystems: dict[str, Any] | None = None):
         self.repo = repo
         self.manifest = manifest
         self.cache = cache
-        self.name = manifest["name"]
-        mtime = _time_ns(manifest["time"])
-        self.attr = Attr(stat.S_IFDIR | 0o555, 0, mtime, nlink=2)
-        self._kids: list[Node] | None = None
+        self.filesystems = filesystems or BUILTIN_FILESYSTEMS
+        self.id = manifest["id"]
+        self.mtime_ns = time_ns(manifest["time"])
+        self.images = {d["name"]: DiskImage(repo, d, cache) for d in manifest["disks"]}
+        self._volumes: dict[str, list[Volume]] = {}
+        self._lock = threading.RLock()
+        self._root: StaticDir | None = None
+
+    def volumes(self, disk: str) -> list[Volume]:
+        with self._lock:
+            if disk not in self._volumes:
+                image = self.images[disk]
+                try:
+                    vols = discover(RangeReader(image.read, image.size))
+                except VbfsError:
+                    raise
+                except Exception as exc:
+                    raise GuestDataError(f"{self.label(disk)}: cannot read the partition table ({exc})") from None
+                self._volumes[disk] = vols
+            return self._volumes[disk]
+
+    def label(self, *parts: str) -> str:
+        return " ".join([f"{self.manifest['guest']}@{self.manifest['name']}", *parts])
+
+    def open_fs(self, disk: str, vol: Volume) -> GuestFS:
+        assert vol.fstype is not None
+        cls = self.filesystems.get(vol.fstype)
+        if cls is None:
+            raise GuestDataError(f"{self.label(disk, vol.name)}: no reader for {vol.fstype}")
+        return cls(vol.reader.sub(0, vol.size), self.label(disk, vol.name))  # type: ignore[no-any-return]
+
+    def vm_json(self) -> bytes:
+        m = self.manifest
+        volumes: dict[str, Any] = {}
+        for d in m["disks"]:
+            try:
+                volumes[d["name"]] = [v.describe() for v in self.volumes(d["name"])]
+            except VbfsError as exc:
+                volumes[d["name"]] = {"error": str(exc)}
+        doc = {
+            "guest": m["guest"],
+            "snapshot": {"id": m["id"], "name": m["name"], "time": m["time"], "finished": m.get("finished")},
+            "source": m["source"],
+            "consistency": m.get("consistency"),
+            "disks": [
+                {"name": d["name"], "size": d["size"], "mode": d.get("mode"), "details": d.get("details", {}),
+                 "volumes": volumes[d["name"]]}
+                for d in m["disks"]
+            ],
+            "metadata": m.get("metadata", {}),
+            "notes": m.get("notes", []),
+        }
+        return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
+
+    def root(self, name: str) -> StaticDir:
+        with self._lock:
+            if self._root is None:
+                self._root = self._build(name)
+            return self._root
+
+    def _build(self, name: str) -> StaticDir:
+        m, sid, t = self.manifest, self.id, self.mtime_ns
+        disk_nodes: list[Node] = []
+        files: list[Node] = []
+        for d in m["disks"]:
+            image = self.images[d["name"]]
+            disk_nodes.append(DiskFile(image, (sid, "disks", d["name"]), t))
+            files.append(DiskFilesDir(self, d["name"], t))
+        kids: list[Node] = [
+            LazyBytesFile("vm.json", (sid, "vm.json"), self.vm_json, t),
+            DisksDir(self, disk_nodes, t),
+            StaticDir("files", (sid, "files"), t, files),
+        ]
+        if m.get("config"):
+            kids.append(StaticDir("config", (sid, "config"), t, [
+                StreamNode(n, (sid, "config", n), StreamFile(self.repo, ref, self.cache), t)
+                for n, ref in sorted(m["config"].items())
+            ]))
+        return StaticDir(name, ("snap", sid), t, kids)
+
+
+class LazyBytesFile(File):
+    """A small generated file whose contents are made on first use (its size needs them too)."""
+
+    def __init__(self, name: str, key: Hashable, make: Callable[[], bytes], mtime_ns: int):
+        self.name = name
+        self.key = key
+        self._make = make
+        self._data: bytes | None = None
+        self._mtime_ns = mtime_ns
+
+    @property
+    def data(self) -> bytes:
+        if self._data is None:
+            self._data = self._make()
+        return self._data
+
+    @property  # type: ignore[override]
+    def attr(self) -> Attr:
+        return Attr(stat.S_IFREG | 0o444, len(self.data), self._mtime_ns)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self.data[offset : offset + length]
+
+
+class DisksDir(Dir):
+    """``disks/``: every disk, and an image of each partition whose filesystem is unknown."""
+
+    def __init__(self, snap: SnapshotTree, disk_nodes: list[Node], mtime_ns: int):
+        self.snap = snap
+        self.name = "disks"
+        self.key = (snap.id, "disks")
+        self.attr = _dir_attr(mtime_ns)
+        self._disks = disk_nodes
+        self._kids: dict[str, Node] | None = None
 
     def children(self) -> list[Node]:
         if self._kids is None:
-            m = self.manifest
-            mtime = self.attr.mtime_ns
-            disks = [DiskFile(DiskImage(self.repo, d, self.cache), mtime) for d in m["disks"]]
-            kids: list[Node] = [
-                BytesFile("vm.json", vm_json(m), mtime),
-                StaticDir("disks", mtime, list(disks)),
-            ]
-            if m.get("config"):
-                kids.append(
-                    StaticDir(
-                        "config",
-                        mtime,
-                        [
-                            StreamNode(n, StreamFile(self.repo, ref, self.cache), mtime)
-                            for n, ref in sorted(m["config"].items())
-                        ],
-                    )
-                )
-            self._kids = kids
-        return list(self._kids)
+            kids = list(self._disks)
+            for d in self._disks:
+                assert isinstance(d, DiskFile)
+                try:
+                    vols = self.snap.volumes(d.image.name)
+                except VbfsError:
+                    continue
+                for v in vols:
+                    if v.fstype is None and v.offset >= 0 and v.name != "whole" and not v.note.startswith("LVM2"):
+                        name = f"{d.image.name}-{v.name}.img"
+                        kids.append(VolumeFile(name, (self.snap.id, "disks", name), d.image, v.offset, v.size,
+                                               self.attr.mtime_ns))
+            self._kids = {k.name: k for k in kids}
+        return list(self._kids.values())
+
+    def lookup(self, name: str) -> Node:
+        for d in self._disks:
+            if d.name == name:
+                return d
+        return super().lookup(name)
+
+
+class DiskFilesDir(Dir):
+    """``files/<disk>/``: one folder per volume with a known filesystem."""
+
+    def __init__(self, snap: SnapshotTree, disk: str, mtime_ns: int):
+        self.snap = snap
+        self.disk = disk
+        self.name = disk
+        self.key = (snap.id, "files", disk)
+        self.attr = _dir_attr(mtime_ns)
+        self._kids: dict[str, Node] | None = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> dict[str, Node]:
+        with self._lock:
+            if self._kids is None:
+                kids: dict[str, Node] = {}
+                for v in self.snap.volumes(self.disk):
+                    if v.fstype is not None:
+                        kids[v.name] = LazyVolumeRoot(self.snap, self.disk, v, self.attr.mtime_ns)
+                self._kids = kids
+            return self._kids
+
+    def children(self) -> list[Node]:
+        return list(self._load().values())
+
+    def lookup(self, name: str) -> Node:
+        try:
+            return self._load()[name]
+        except KeyError:
+            raise PathNotFound(f"no {name!r} here") from None
+
+
+class LazyVolumeRoot(Dir):
+    """A volume's folder; the filesystem is opened on first use, so a damaged one fails only what touches it."""
+
+    def __init__(self, snap: SnapshotTree, disk: str, volume: Volume, mtime_ns: int):
+        self.snap = snap
+        self.disk = disk
+        self.volume = volume
+        self.name = volume.name
+        self.key = (snap.id, "files", disk, volume.name)
+        self._mtime_ns = mtime_ns
+        self._root: VolumeRoot | None = None
+        self._lock = threading.Lock()
+
+    def real(self) -> VolumeRoot:
+        with self._lock:
+            if self._root is None:
+                fs = self.snap.open_fs(self.disk, self.volume)
+                self._root = VolumeRoot(fs, self.volume, (self.snap.id, self.disk, self.volume.name))
+                self._root.key = self.key
+            return self._root
+
+    @property  # type: ignore[override]
+    def attr(self) -> Attr:
+        try:
+            return self.real().attr
+        except VbfsError:
+            return _dir_attr(self._mtime_ns)
+
+    def children(self) -> list[Node]:
+        return self.real().children()
+
+    def lookup(self, name: str) -> Node:
+        return self.real().lookup(name)
+
+
+# ---- the whole repository ----------------------------------------------------------------------------------------
+
+
+class RepositoryTree:
+    """The root of the tree: guests, their snapshots and ``latest``. Snapshot trees are kept in a small LRU."""
+
+    KEEP_SNAPSHOTS = 32
+
+    def __init__(self, repo: Repository, catalog: Callable[[], Any], cache: ChunkCache):
+        self.repo = repo
+        self.catalog = catalog  # gives this thread's Catalog
+        self.cache = cache
+        self._snaps: OrderedDict[str, SnapshotTree] = OrderedDict()
+        self._lock = threading.Lock()
+        self.root = RootDir(self)
+
+    def snapshot(self, snap_id: str) -> SnapshotTree:
+        with self._lock:
+            tree = self._snaps.get(snap_id)
+            if tree is not None:
+                self._snaps.move_to_end(snap_id)
+                return tree
+        tree = SnapshotTree(self.repo, self.repo.load_manifest(snap_id), self.cache)
+        with self._lock:
+            tree = self._snaps.setdefault(snap_id, tree)
+            while len(self._snaps) > self.KEEP_SNAPSHOTS:
+                self._snaps.popitem(last=False)
+        return tree
+
+
+class RootDir(Dir):
+    immutable = False
+
+    def __init__(self, tree: RepositoryTree):
+        self.tree = tree
+        self.name = ""
+        self.key = ("root",)
+        self.attr = _dir_attr(0)
+
+    def children(self) -> list[Node]:
+        return [GuestHostDir(self.tree, g["name"], g["latest"]) for g in self.tree.catalog().guests()]
+
+    def lookup(self, name: str) -> Node:
+        for g in self.tree.catalog().guests():
+            if g["name"] == name:
+                return GuestHostDir(self.tree, name, g["latest"])
+        raise PathNotFound(f"no guest {name!r}")
+
+
+class GuestHostDir(Dir):
+    """``<guest>/``: ``latest`` and one folder per snapshot."""
+
+    immutable = False
+
+    def __init__(self, tree: RepositoryTree, guest: str, latest_time: str):
+        self.tree = tree
+        self.name = guest
+        self.key = ("guest", guest)
+        self.attr = _dir_attr(time_ns(latest_time))
+
+    def _latest(self) -> Node | None:
+        latest = self.tree.catalog().latest(self.name)
+        if latest is None:
+            return None
+        return LinkNode("latest", ("latest", self.name), latest["name"], time_ns(latest["time"]), immutable=False)
+
+    def children(self) -> list[Node]:
+        latest = self._latest()
+        kids: list[Node] = [latest] if latest else []
+        kids += [SnapshotDirNode(self.tree, s) for s in self.tree.catalog().snapshots(self.name)]
+        return kids
+
+    def lookup(self, name: str) -> Node:
+        if name == "latest":
+            latest = self._latest()
+            if latest is not None:
+                return latest
+        summary = self.tree.catalog().by_name(self.name, name)
+        if summary is None:
+            raise PathNotFound(f"no snapshot {name!r} of {self.name}")
+        return SnapshotDirNode(self.tree, summary)
+
+
+class SnapshotDirNode(Dir):
+    """A snapshot's folder: its attributes come from the catalog, its contents from the manifest on first use."""
+
+    def __init__(self, tree: RepositoryTree, summary: dict[str, Any]):
+        self.tree = tree
+        self.summary = summary
+        self.name = summary["name"]
+        self.key = ("snap", summary["id"])
+        self.attr = _dir_attr(time_ns(summary["time"]))
+
+    def real(self) -> StaticDir:
+        return self.tree.snapshot(self.summary["id"]).root(self.name)
+
+    def children(self) -> list[Node]:
+        return self.real().children()
+
+    def lookup(self, name: str) -> Node:
+        return self.real().lookup(name)
 
 
 def walk_path(node: Node, path: str) -> Node:
-    """Follow a slash-separated path from ``node``; ``PathNotFound`` names the first missing part."""
+    """Follow a slash-separated path from ``node`` without following symlinks; ``PathNotFound`` names the part."""
     done = ""
     for part in [p for p in path.split("/") if p and p != "."]:
         if not isinstance(node, Dir):
-            raise PathNotFound(f"{done or '/'} is not a folder")
+            kind = "a symlink (not followed)" if isinstance(node, Symlink) else "not a folder"
+            raise PathNotFound(f"{done or '/'} is {kind}")
         try:
             node = node.lookup(part)
         except PathNotFound:
             raise PathNotFound(f"no such path in the snapshot: {done}/{part}") from None
         done += "/" + part
     return node
+
+
+def iter_tree(node: Node, prefix: str = "") -> Iterator[tuple[str, Node]]:
+    """Every node below ``node`` (depth first, parents before children), with its path relative to ``node``."""
+    if isinstance(node, Dir):
+        for child in sorted(node.children(), key=lambda n: n.name):
+            path = f"{prefix}/{child.name}" if prefix else child.name
+            yield path, child
+            if isinstance(child, Dir):
+                yield from iter_tree(child, path)

@@ -1,0 +1,288 @@
+"""Filesystem adapters: ext2/3/4, XFS, FAT12/16/32, NTFS and Btrfs through dissect, behind :class:`GuestFS`.
+
+``detect`` names the filesystem on a volume by its magic numbers (without trusting anything else in it);
+``open_filesystem`` opens it with the adapter registered for that name.
+"""
+
+from __future__ import annotations
+
+import stat
+from typing import Any, BinaryIO
+
+from vbfs.guestfs.model import GuestEntry, GuestFS
+
+S_IFMT_DIR = stat.S_IFDIR
+
+
+def detect(fh: BinaryIO, size: int) -> str | None:
+    """The filesystem type on a volume, by magic numbers; ``None`` when none is recognised."""
+    fh.seek(0)
+    head = fh.read(4096)
+    if len(head) < 1024:
+        return None
+    if head[:4] == b"XFSB":
+        return "xfs"
+    if head[3:11] == b"NTFS    ":
+        return "ntfs"
+    if len(head) >= 1082 and head[1080:1082] == b"\x53\xef":
+        return "ext"
+    if head[510:512] == b"\x55\xaa" and (head[82:87] == b"FAT32" or head[54:59] in (b"FAT12", b"FAT16", b"FAT  ")):
+        return "fat"
+    if size > 0x10048:
+        fh.seek(0x10040)
+        if fh.read(8) == b"_BHRfS_M":
+            return "btrfs"
+    return None
+
+
+def _ts(value: Any) -> int:
+    return int(value) if isinstance(value, int) else 0
+
+
+class ExtGuestFS(GuestFS):
+    fstype = "ext4"
+
+    def __init__(self, fh: BinaryIO, label: str):
+        super().__init__(fh, label)
+        from dissect.extfs import ExtFS
+
+        with self._guard("superblock"):
+            self.fs = ExtFS(fh)
+
+    def _entry(self, node: Any, name: str) -> GuestEntry:
+        ino = node.inode
+        mode = int(ino.i_mode)
+        entry = GuestEntry(
+            name=name,
+            ino=int(node.inum),
+            mode=mode,
+            size=int(node.size),
+            uid=int(ino.i_uid) | (int(ino.i_uid_high) << 16),
+            gid=int(ino.i_gid) | (int(ino.i_gid_high) << 16),
+            nlink=int(ino.i_links_count),
+            mtime_ns=_ts(node.mtime_ns),
+            atime_ns=_ts(node.atime_ns),
+            ctime_ns=_ts(node.ctime_ns),
+            handle=node,
+        )
+        if stat.S_ISLNK(mode):
+            entry.target = node.link
+        return entry
+
+    def _root(self) -> GuestEntry:
+        return self._entry(self.fs.get(2), "")
+
+    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+        return [self._entry(n, n.filename) for n in entry.handle.iterdir() if n.filename not in (".", "..")]
+
+    def _open(self, entry: GuestEntry) -> BinaryIO:
+        return entry.handle.open()  # type: ignore[no-any-return]
+
+
+class XfsGuestFS(GuestFS):
+    fstype = "xfs"
+
+    def __init__(self, fh: BinaryIO, label: str):
+        super().__init__(fh, label)
+        from dissect.xfs import XFS
+
+        with self._guard("superblock"):
+            self.fs = XFS(fh)
+
+    def _entry(self, node: Any, name: str) -> GuestEntry:
+        ino = node.inode
+        mode = int(ino.di_mode)
+        entry = GuestEntry(
+            name=name,
+            ino=int(node.inum),
+            mode=mode,
+            size=int(node.size),
+            uid=int(ino.di_uid),
+            gid=int(ino.di_gid),
+            nlink=int(ino.di_nlink) or int(ino.di_onlink),
+            mtime_ns=_ts(node.mtime_ns),
+            atime_ns=_ts(node.atime_ns),
+            ctime_ns=_ts(node.ctime_ns),
+            handle=node,
+        )
+        if stat.S_ISLNK(mode):
+            entry.target = node.link
+        return entry
+
+    def _root(self) -> GuestEntry:
+        return self._entry(self.fs.root, "")
+
+    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+        return [self._entry(n, n.filename) for n in entry.handle.iterdir() if n.filename not in (".", "..")]
+
+    def _open(self, entry: GuestEntry) -> BinaryIO:
+        return entry.handle.open()  # type: ignore[no-any-return]
+
+
+class FatGuestFS(GuestFS):
+    """FAT has no owners, modes or inode numbers: folders are 0755, files 0644 (0444 when read-only), owned by
+    root; the inode number stands in as the entry's first cluster (or its position for empty files)."""
+
+    fstype = "fat"
+
+    def __init__(self, fh: BinaryIO, label: str):
+        super().__init__(fh, label)
+        from dissect.fat import FATFS
+
+        with self._guard("boot sector"):
+            self.fs = FATFS(fh)
+        self._next_ino = 1 << 40
+
+    def _entry(self, node: Any, name: str) -> GuestEntry:
+        is_dir = node.is_directory()
+        if is_dir:
+            mode = stat.S_IFDIR | 0o755
+        else:
+            mode = stat.S_IFREG | (0o444 if node.is_readonly() else 0o644)
+        cluster = int(node.cluster or 0)
+        if cluster:
+            ino = cluster
+        else:
+            self._next_ino += 1
+            ino = self._next_ino
+        mtime = node.mtime
+        mtime_ns = int(mtime.timestamp() * 1e9) if mtime is not None else 0
+        return GuestEntry(
+            name=name,
+            ino=ino,
+            mode=mode,
+            size=0 if is_dir else int(node.size),
+            nlink=2 if is_dir else 1,
+            mtime_ns=mtime_ns,
+            atime_ns=mtime_ns,
+            ctime_ns=mtime_ns,
+            handle=node,
+        )
+
+    def _root(self) -> GuestEntry:
+        root = self._entry(self.fs.root, "")
+        root.ino = 1
+        return root
+
+    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+        out = []
+        for n in entry.handle.iterdir():
+            if n.is_volume_id() or n.name in (".", ".."):
+                continue
+            out.append(self._entry(n, n.name))
+        return out
+
+    def _open(self, entry: GuestEntry) -> BinaryIO:
+        return entry.handle.open()  # type: ignore[no-any-return]
+
+
+class NtfsGuestFS(GuestFS):
+    """NTFS: names in their long (Win32) form; modes are 0755 for folders and 0644 for files, owned by root.
+    Symbolic links and junctions are shown as symlinks to their substitute name."""
+
+    fstype = "ntfs"
+
+    def __init__(self, fh: BinaryIO, label: str):
+        super().__init__(fh, label)
+        from dissect.ntfs import NTFS
+
+        with self._guard("boot sector"):
+            self.fs = NTFS(fh)
+
+    def _entry(self, record: Any, name: str) -> GuestEntry:
+        from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+
+        is_dir = record.is_dir()
+        times = record.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]
+        mtime_ns = atime_ns = ctime_ns = 0
+        if times:
+            si = times[0]
+            mtime_ns = _ts(si.last_modification_time_ns)
+            atime_ns = _ts(getattr(si, "last_access_time_ns", mtime_ns))
+            ctime_ns = _ts(si.last_change_time_ns)
+        target = None
+        if record.is_reparse_point() and (record.is_symlink() or record.is_mount_point()):
+            mode = stat.S_IFLNK | 0o777
+            target = str(record.reparse_point_substitute_name).replace("\\", "/")
+            size = len(target.encode())
+        elif is_dir:
+            mode, size = stat.S_IFDIR | 0o755, 0
+        else:
+            mode = stat.S_IFREG | 0o644
+            size = int(record.size()) if record.has_stream("") else 0
+        names = {n for n in record.filenames(ignore_dos=True)}
+        return GuestEntry(
+            name=name,
+            ino=int(record.segment),
+            mode=mode,
+            size=size,
+            nlink=max(1, len(names)) if not is_dir else 2,
+            mtime_ns=mtime_ns,
+            atime_ns=atime_ns,
+            ctime_ns=ctime_ns,
+            target=target,
+            handle=record,
+        )
+
+    def _root(self) -> GuestEntry:
+        return self._entry(self.fs.mft.root, "")
+
+    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+        out = []
+        seen = set()
+        for name, idx in entry.handle.listdir(ignore_dos=True).items():
+            if name in (".",) or name.startswith("$") and entry.handle.segment == 5:
+                continue
+            record = idx.dereference() if hasattr(idx, "dereference") else idx
+            if (name, record.segment) in seen:
+                continue
+            seen.add((name, record.segment))
+            out.append(self._entry(record, name))
+        return out
+
+    def _open(self, entry: GuestEntry) -> BinaryIO:
+        return entry.handle.open()  # type: ignore[no-any-return]
+
+
+class BtrfsGuestFS(GuestFS):
+    """Btrfs: the default subvolume."""
+
+    fstype = "btrfs"
+
+    def __init__(self, fh: BinaryIO, label: str):
+        super().__init__(fh, label)
+        from dissect.btrfs import Btrfs
+
+        with self._guard("superblock"):
+            self.fs = Btrfs(fh)
+
+    def _entry(self, node: Any, name: str) -> GuestEntry:
+        mode = int(node.mode)
+        entry = GuestEntry(
+            name=name,
+            ino=int(node.inum),
+            mode=mode,
+            size=int(node.size),
+            uid=int(node.uid),
+            gid=int(node.gid),
+            nlink=int(node.inode.nlink),
+            mtime_ns=_ts(node.mtime_ns),
+            atime_ns=_ts(node.atime_ns),
+            ctime_ns=_ts(node.ctime_ns),
+            handle=node,
+        )
+        if stat.S_ISLNK(mode):
+            entry.target = node.link
+        return entry
+
+    def _root(self) -> GuestEntry:
+        return self._entry(self.fs.get("/"), "")
+
+    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+        return [self._entry(n, name) for name, n in entry.handle.listdir().items() if name not in (".", "..")]
+
+    def _open(self, entry: GuestEntry) -> BinaryIO:
+        return entry.handle.open()  # type: ignore[no-any-return]
+
+
+BUILTIN = {"ext": ExtGuestFS, "xfs": XfsGuestFS, "fat": FatGuestFS, "ntfs": NtfsGuestFS, "btrfs": BtrfsGuestFS}
