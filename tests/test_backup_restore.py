@@ -68,7 +68,7 @@ def test_restore_of_vm_json_and_listing(vbfs: Vbfs, template_image: Path, tmp_pa
     convert(template_image, "qcow2", image)
     vbfs("backup", f"image://{image}")
     names = [e["name"] for e in json.loads(vbfs("ls", "db01@latest", "--json").stdout)]
-    assert names == ["vm.json", "disks"]
+    assert names == ["vm.json", "disks", "files"]
     vbfs("restore", "db01@latest:/vm.json", str(tmp_path))
     meta = json.loads((tmp_path / "vm.json").read_text())
     assert meta["metadata"]["image"]["format"] == "qcow2"

@@ -30,7 +30,7 @@ from vbfs.plugins import default_manager, registry
 from vbfs.sources import SourceURL
 from vbfs.store.cache import ChunkCache
 from vbfs.store.repository import Repository
-from vbfs.vfs import Dir, SnapshotDir, walk_path
+from vbfs.vfs import Dir, Node, RepositoryTree, SnapshotTree, Symlink, walk_path
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
@@ -221,9 +221,10 @@ def _summary_line(m: dict[str, Any]) -> str:
 @cli.command()
 @click.argument("source")
 @click.option("--guest", help="Guest name (default: the one the source URL names).")
+@click.option("--no-index", is_flag=True, help="Do not index the guest's files (find and diff will not see them).")
 @click.option("--json", "json_out", is_flag=True, help="Print the new snapshot as JSON.")
 @click.pass_obj
-def backup(obj: Ctx, source: str, guest: str | None, json_out: bool) -> None:
+def backup(obj: Ctx, source: str, guest: str | None, no_index: bool, json_out: bool) -> None:
     """Back up SOURCE, e.g. image:///var/lib/images/web01.qcow2."""
     url = SourceURL.parse(source)
     hv_cls = registry().hypervisor(url.scheme)
@@ -234,7 +235,8 @@ def backup(obj: Ctx, source: str, guest: str | None, json_out: bool) -> None:
         if not name:
             raise SourceError(f"{source} names no guest: give --guest")
         with repo.lock_shared(), obj.catalog(repo) as cat:
-            manifest = BackupRun(repo, cat, default_manager(), progress_for(json_out)).run(hv, name, source)
+            run = BackupRun(repo, cat, default_manager(), progress_for(json_out), index_files=not no_index)
+            manifest = run.run(hv, name, source)
     finally:
         hv.close()
     if json_out:
@@ -311,12 +313,13 @@ def split_spec(spec: str) -> tuple[str, str]:
     return snap_spec, "/" + path if sep else "/"
 
 
-def _resolve(obj: Ctx, repo: Repository, spec: str) -> tuple[SnapshotDir, str]:
+def _resolve(obj: Ctx, repo: Repository, spec: str) -> tuple[Node, str]:
     snap_spec, path = split_spec(spec)
     with obj.catalog(repo) as cat:
         found = cat.resolve(snap_spec)
     cache = ChunkCache(repo.get_chunk, 64 * 1024 * 1024)
-    return SnapshotDir(repo, repo.load_manifest(found["id"]), cache), path or "/"
+    tree = SnapshotTree(repo, repo.load_manifest(found["id"]), cache)
+    return tree.root(found["name"]), path or "/"
 
 
 @cli.command()
@@ -338,8 +341,9 @@ def ls(obj: Ctx, spec: str, json_out: bool) -> None:
         return
     for k in kids:
         when = datetime.fromtimestamp(k.attr.mtime_ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
-        suffix = "/" if k.attr.is_dir else ""
-        click.echo(f"{stat.filemode(k.attr.mode)} {k.attr.size:>14} {when} {k.name}{suffix}")
+        suffix = "/" if k.attr.is_dir else f" -> {k.target}" if isinstance(k, Symlink) else ""
+        owner = f"{k.attr.uid}:{k.attr.gid}"
+        click.echo(f"{stat.filemode(k.attr.mode)} {owner:>11} {k.attr.size:>14} {when} {k.name}{suffix}")
 
 
 @cli.command()
@@ -393,6 +397,114 @@ def check(obj: Ctx, verify_data: bool, json_out: bool) -> None:
         )
     if not report.ok:
         sys.exit(3)
+
+
+def _when(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).strftime("%Y-%m-%d %H:%M")
+
+
+@cli.command()
+@click.argument("pattern")
+@click.option("--guest", help="Only this guest's files.")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def find(obj: Ctx, pattern: str, guest: str | None, json_out: bool) -> None:
+    """Find guest files by name (or, with a '/', by path below files/) in every indexed snapshot.
+
+    PATTERN may use the wildcards * ? [..]; each version of a file is listed once with the snapshots that hold it.
+    """
+    repo = obj.open_repo()
+    with obj.catalog(repo) as cat:
+        found = cat.find(pattern, guest)
+    if json_out:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo(f"no indexed guest file matches {pattern!r}", err=True)
+        sys.exit(1)
+    for f in found:
+        snaps = f["snapshots"]
+        where = snaps[0]["name"] if len(snaps) == 1 else f"{snaps[0]['name']} .. {snaps[-1]['name']} ({len(snaps)})"
+        click.echo(f"{f['guest']}@{where}:{f['path']}  {human(f['size'])}  {_when(f['mtime_ns'])}")
+
+
+@cli.command()
+@click.argument("older")
+@click.argument("newer")
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def diff(obj: Ctx, older: str, newer: str, json_out: bool) -> None:
+    """Guest files added (+), removed (-) and changed (M) between two snapshots, from the catalog."""
+    repo = obj.open_repo()
+    with obj.catalog(repo) as cat:
+        a, b = cat.resolve(older), cat.resolve(newer)
+        for s_ in (a, b):
+            if not s_.get("indexed"):
+                raise VbfsError(f"{s_['guest']}@{s_['name']} has no guest-file index (backed up with --no-index)")
+        fa, fb = cat.files_of(a["id"]), cat.files_of(b["id"])
+    changes = [{"change": "added", "path": "/files/" + p} for p in sorted(fb.keys() - fa.keys())]
+    changes += [{"change": "removed", "path": "/files/" + p} for p in sorted(fa.keys() - fb.keys())]
+    changes += [{"change": "changed", "path": "/files/" + p} for p in sorted(fa.keys() & fb.keys()) if fa[p] != fb[p]]
+    changes.sort(key=lambda c: c["path"])
+    if json_out:
+        click.echo(json.dumps({"older": a["name"], "newer": b["name"], "changes": changes}, indent=2))
+        return
+    mark = {"added": "+", "removed": "-", "changed": "M"}
+    for c in changes:
+        click.echo(f"{mark[c['change']]} {c['path']}")
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+@click.option("--foreground", is_flag=True, help="Stay in the foreground (logs to stderr).")
+@click.option("--cache-size", type=int, default=48, show_default=True, help="Chunk cache in MiB.")
+@click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
+@click.pass_obj
+def mount(obj: Ctx, mountpoint: Path, foreground: bool, cache_size: int, debug: bool) -> None:
+    """Mount the repository read-only at MOUNTPOINT: guests, snapshots, disks and the guests' own files."""
+    import logging
+    import threading
+
+    from vbfs.fuse.mount import check_mountpoint, serve, serve_in_background
+
+    check_mountpoint(mountpoint)
+    repo = obj.open_repo()
+    with obj.catalog(repo):
+        pass  # brings the catalog up to date before the tree is served
+
+    def make_root() -> Node:
+        local = threading.local()
+
+        def catalog() -> Catalog:
+            cat = getattr(local, "cat", None)
+            if cat is None:
+                cat = local.cat = Catalog(repo.catalog_path())
+            return cat
+
+        return RepositoryTree(repo, catalog, ChunkCache(repo.get_chunk, cache_size * 1024 * 1024)).root
+
+    if foreground:
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.INFO,
+            stream=sys.stderr,
+            format="%(asctime)s %(levelname)s %(message)s",
+        )
+        serve(make_root(), mountpoint, debug=debug)
+        return
+    log_file = repo.catalog_path().parent / "mount.log"
+    pid = serve_in_background(make_root, mountpoint, log_file)
+    click.echo(f"mounted {repo.location} at {mountpoint} (process {pid}, log {log_file})")
+
+
+@cli.command()
+@click.argument("mountpoint", type=click.Path(path_type=Path))
+def umount(mountpoint: Path) -> None:
+    """Unmount a vbfs mount, also one whose process was killed."""
+    from vbfs.fuse.mount import unmount, wait_unmounted
+
+    unmount(mountpoint)
+    if not wait_unmounted(mountpoint):
+        raise VbfsError(f"{mountpoint} is still mounted (busy?)")
 
 
 @cli.group()

@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from vbfs.errors import PathNotFound, VbfsError
 from vbfs.guestfs.filesystems import BUILTIN as BUILTIN_FILESYSTEMS
@@ -61,6 +61,7 @@ class Node:
     attr: Attr
     key: Hashable
     immutable = True  # its attributes and contents never change (snapshots); False for guest lists, `latest`
+    from_guest = False  # a file, folder or symlink of a guest filesystem (its mode and owner are the guest's)
 
 
 class Dir(Node):
@@ -184,11 +185,14 @@ def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...]) -
     if entry.is_symlink:
         node = LinkNode(entry.name, key, entry.target or "", entry.mtime_ns)
         node.attr = _guest_attr(entry)
+        node.from_guest = True
         return node
     return GuestFileNode(fs, entry, key)
 
 
 class GuestDirNode(Dir):
+    from_guest = True
+
     def __init__(self, fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...]):
         self.fs = fs
         self.entry = entry
@@ -216,6 +220,8 @@ class GuestDirNode(Dir):
 
 
 class GuestFileNode(File):
+    from_guest = True
+
     def __init__(self, fs: GuestFS, entry: GuestEntry, key: Hashable):
         self.fs = fs
         self.entry = entry
@@ -251,8 +257,9 @@ FilesystemFactory = Callable[[str], Any]
 class SnapshotTree:
     """What one snapshot holds; built lazily from its manifest. Thread-safe."""
 
-    def __init__(self, repo: Repository, manifest: dict[str, Any], cache: ChunkCache,
-                 filesystems: dict[str, Any] | None = None):
+    def __init__(
+        self, repo: Repository, manifest: dict[str, Any], cache: ChunkCache, filesystems: dict[str, Any] | None = None
+    ):
         self.repo = repo
         self.manifest = manifest
         self.cache = cache
@@ -285,7 +292,7 @@ class SnapshotTree:
         cls = self.filesystems.get(vol.fstype)
         if cls is None:
             raise GuestDataError(f"{self.label(disk, vol.name)}: no reader for {vol.fstype}")
-        return cls(vol.reader.sub(0, vol.size), self.label(disk, vol.name))  # type: ignore[no-any-return]
+        return cast(GuestFS, cls(vol.reader.sub(0, vol.size), self.label(disk, vol.name)))
 
     def vm_json(self) -> bytes:
         m = self.manifest
@@ -301,8 +308,13 @@ class SnapshotTree:
             "source": m["source"],
             "consistency": m.get("consistency"),
             "disks": [
-                {"name": d["name"], "size": d["size"], "mode": d.get("mode"), "details": d.get("details", {}),
-                 "volumes": volumes[d["name"]]}
+                {
+                    "name": d["name"],
+                    "size": d["size"],
+                    "mode": d.get("mode"),
+                    "details": d.get("details", {}),
+                    "volumes": volumes[d["name"]],
+                }
                 for d in m["disks"]
             ],
             "metadata": m.get("metadata", {}),
@@ -330,10 +342,17 @@ class SnapshotTree:
             StaticDir("files", (sid, "files"), t, files),
         ]
         if m.get("config"):
-            kids.append(StaticDir("config", (sid, "config"), t, [
-                StreamNode(n, (sid, "config", n), StreamFile(self.repo, ref, self.cache), t)
-                for n, ref in sorted(m["config"].items())
-            ]))
+            kids.append(
+                StaticDir(
+                    "config",
+                    (sid, "config"),
+                    t,
+                    [
+                        StreamNode(n, (sid, "config", n), StreamFile(self.repo, ref, self.cache), t)
+                        for n, ref in sorted(m["config"].items())
+                    ],
+                )
+            )
         return StaticDir(name, ("snap", sid), t, kids)
 
 
@@ -353,8 +372,8 @@ class LazyBytesFile(File):
             self._data = self._make()
         return self._data
 
-    @property  # type: ignore[override]
-    def attr(self) -> Attr:
+    @property
+    def attr(self) -> Attr:  # type: ignore[override]
         return Attr(stat.S_IFREG | 0o444, len(self.data), self._mtime_ns)
 
     def read(self, offset: int, length: int) -> bytes:
@@ -384,8 +403,11 @@ class DisksDir(Dir):
                 for v in vols:
                     if v.fstype is None and v.offset >= 0 and v.name != "whole" and not v.note.startswith("LVM2"):
                         name = f"{d.image.name}-{v.name}.img"
-                        kids.append(VolumeFile(name, (self.snap.id, "disks", name), d.image, v.offset, v.size,
-                                               self.attr.mtime_ns))
+                        kids.append(
+                            VolumeFile(
+                                name, (self.snap.id, "disks", name), d.image, v.offset, v.size, self.attr.mtime_ns
+                            )
+                        )
             self._kids = {k.name: k for k in kids}
         return list(self._kids.values())
 
@@ -449,8 +471,8 @@ class LazyVolumeRoot(Dir):
                 self._root.key = self.key
             return self._root
 
-    @property  # type: ignore[override]
-    def attr(self) -> Attr:
+    @property
+    def attr(self) -> Attr:  # type: ignore[override]
         try:
             return self.real().attr
         except VbfsError:

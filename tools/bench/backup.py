@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GiB, MiB, Run, drop_caches, du, scatter_changes, timed, write_json  # noqa: E402
+from common import GiB, MiB, Run, drop_caches, du, scatter_changes, timed, write_json
 
-from vbfs.testing.images import gpt_ext4  # noqa: E402
+from vbfs.testing.images import gpt_ext4
 
 PASS = "benchmark passphrase"
 

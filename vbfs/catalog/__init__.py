@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -56,12 +57,46 @@ def create_tables(db: sqlite_utils.Database) -> None:
         foreign_keys=[("snapshot_id", "snapshots", "id")],
         if_not_exists=True,
     )
+    # The guest-file index. One row per distinct version of a guest's file: the same path with the same type,
+    # size, mtime and mode in many snapshots is one row. `path` is the path below the snapshot's files/ folder
+    # (<disk>/<volume>/<path in the guest>), `name` its last part (what `find` matches), `type` is 'f' (file),
+    # 'd' (folder), 'l' (symlink) or 'o' (other), `mtime_ns` nanoseconds since the epoch.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS file_versions (id INTEGER PRIMARY KEY, guest TEXT NOT NULL, path TEXT NOT NULL,"
+        " name TEXT NOT NULL, type TEXT NOT NULL, size INTEGER NOT NULL, mtime_ns INTEGER NOT NULL,"
+        " mode INTEGER NOT NULL, UNIQUE (guest, path, type, size, mtime_ns, mode))"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS file_versions_name ON file_versions (name)")
+    # Which snapshot holds which file version: `snap` is the rowid of the snapshot's row in `snapshots`.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS snapshot_files (snap INTEGER NOT NULL, version INTEGER NOT NULL,"
+        " PRIMARY KEY (snap, version)) WITHOUT ROWID"
+    )
+    db.execute("CREATE INDEX IF NOT EXISTS snapshot_files_version ON snapshot_files (version, snap)")
     # A guest is a name that has at least one snapshot; the view keeps no state of its own.
     db.execute(
         "CREATE VIEW IF NOT EXISTS guests AS SELECT guest AS name, count(*) AS snapshots, "
         "min(time) AS first, max(time) AS latest FROM snapshots GROUP BY guest"
     )
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+
+def read_file_index(repo: Repository, manifest: dict[str, Any]) -> Iterable[tuple[str, str, int, int, int]]:
+    """The guest-file index stored with a snapshot: (path, type, size, mtime_ns, mode) rows."""
+    ref = manifest.get("files_index")
+    if not ref:
+        return
+    buf = b""
+    for data in repo.read_stream(ref):
+        buf += data
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            if line:
+                path, typ, size, mtime, mode = json.loads(line)
+                yield path, typ, size, mtime, mode
+    if buf.strip():
+        path, typ, size, mtime, mode = json.loads(buf)
+        yield path, typ, size, mtime, mode
 
 
 def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -77,6 +112,7 @@ def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
         "consistency": manifest.get("consistency"),
         "disks": [{"name": d["name"], "size": d["size"], "mode": d.get("mode")} for d in manifest["disks"]],
         "config": sorted(manifest.get("config", {})),
+        "indexed": bool(manifest.get("files_index")),
         "stats": manifest.get("stats", {}),
     }
 
@@ -99,7 +135,8 @@ class Catalog:
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
-    def add(self, manifest: dict[str, Any]) -> None:
+    def add(self, manifest: dict[str, Any], files: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
+        """Index a snapshot, with its guest files as (path, type, size, mtime_ns, mode) rows."""
         s = summary_of(manifest)
         with self.db.conn:
             self.db.table("snapshots").insert(
@@ -132,9 +169,42 @@ class Catalog:
             ]
             if rows:
                 self.db.table("items").insert_all(rows, replace=True)
+            self._add_files(s["id"], s["guest"], files)
+
+    def _add_files(self, snap_id: str, guest: str, files: Iterable[tuple[str, str, int, int, int]]) -> None:
+        conn = self.db.conn
+        snap = conn.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()[0]
+        conn.execute(
+            "CREATE TEMP TABLE IF NOT EXISTS new_files (path TEXT, name TEXT, type TEXT, size INTEGER,"
+            " mtime_ns INTEGER, mode INTEGER)"
+        )
+        conn.execute("DELETE FROM new_files")
+        conn.executemany(
+            "INSERT INTO new_files VALUES (?, ?, ?, ?, ?, ?)",
+            ((p, p.rsplit("/", 1)[-1], t, size, mtime, mode) for p, t, size, mtime, mode in files),
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO file_versions (guest, path, name, type, size, mtime_ns, mode)"
+            " SELECT ?, path, name, type, size, mtime_ns, mode FROM new_files",
+            [guest],
+        )
+        conn.execute(
+            "INSERT OR IGNORE INTO snapshot_files (snap, version) SELECT ?, v.id FROM new_files n"
+            " JOIN file_versions v ON v.guest = ? AND v.path = n.path AND v.type = n.type AND v.size = n.size"
+            " AND v.mtime_ns = n.mtime_ns AND v.mode = n.mode",
+            [snap, guest],
+        )
+        conn.execute("DELETE FROM new_files")
 
     def remove(self, snap_id: str) -> None:
         with self.db.conn:
+            row = self.db.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()
+            if row:
+                self.db.execute("DELETE FROM snapshot_files WHERE snap = ?", [row[0]])
+                self.db.execute(
+                    "DELETE FROM file_versions WHERE NOT EXISTS"
+                    " (SELECT 1 FROM snapshot_files sf WHERE sf.version = file_versions.id)"
+                )
             self.db.execute("DELETE FROM items WHERE snapshot_id = ?", [snap_id])
             self.db.execute("DELETE FROM snapshots WHERE id = ?", [snap_id])
 
@@ -147,15 +217,22 @@ class Catalog:
             self.remove(snap_id)
         for snap_id in sorted(on_repo - known):
             try:
-                self.add(repo.load_manifest(snap_id))
+                manifest = repo.load_manifest(snap_id)
             except VbfsError as exc:
                 warnings.append(f"snapshot {snap_id} is not listed: {exc}")
+                continue
+            try:
+                files = list(read_file_index(repo, manifest))
+            except VbfsError as exc:
+                warnings.append(f"snapshot {snap_id}: its guest-file index cannot be read ({exc})")
+                files = []
+            self.add(manifest, files)
         return warnings
 
     def rebuild(self, repo: Repository) -> list[str]:
         with self.db.conn:
-            self.db.execute("DELETE FROM items")
-            self.db.execute("DELETE FROM snapshots")
+            for table in ("snapshot_files", "file_versions", "items", "snapshots"):
+                self.db.execute(f"DELETE FROM {table}")
         return self.sync(repo)
 
     # ---- reading ----------------------------------------------------------------------------------------------
@@ -177,6 +254,52 @@ class Catalog:
             "SELECT summary FROM snapshots WHERE guest = ? ORDER BY time DESC, id DESC LIMIT 1", [guest]
         ).fetchone()
         return json.loads(row[0]) if row else None
+
+    def by_name(self, guest: str, name: str) -> dict[str, Any] | None:
+        row = self.db.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def find(self, pattern: str, guest: str | None = None) -> list[dict[str, Any]]:
+        """Every version of every guest file whose name (or, with a '/', whole path) matches ``pattern``."""
+        column = "v.path" if "/" in pattern else "v.name"
+        if any(c in pattern for c in "*?["):
+            where, args = f"{column} GLOB ?", [pattern.lstrip("/")]
+        else:
+            where, args = f"{column} = ?", [pattern.lstrip("/")]
+        if guest is not None:
+            where += " AND v.guest = ?"
+            args.append(guest)
+        rows = self.db.execute(
+            "SELECT v.id, v.guest, v.path, v.type, v.size, v.mtime_ns, v.mode, s.name, s.id, s.time"
+            " FROM file_versions v JOIN snapshot_files sf ON sf.version = v.id"
+            f" JOIN snapshots s ON s.rowid = sf.snap WHERE {where} ORDER BY v.guest, v.path, s.time",
+            args,
+        ).fetchall()
+        out: dict[int, dict[str, Any]] = {}
+        for vid, g, path, typ, size, mtime, mode, sname, sid, stime in rows:
+            entry = out.setdefault(
+                vid,
+                {
+                    "guest": g,
+                    "path": "/files/" + path,
+                    "type": typ,
+                    "size": size,
+                    "mtime_ns": mtime,
+                    "mode": mode,
+                    "snapshots": [],
+                },
+            )
+            entry["snapshots"].append({"name": sname, "id": sid, "time": stime})
+        return sorted(out.values(), key=lambda e: (e["guest"], e["path"], e["snapshots"][0]["time"]))
+
+    def files_of(self, snap_id: str) -> dict[str, tuple[str, int, int, int]]:
+        """path → (type, size, mtime_ns, mode) of every indexed guest file of a snapshot."""
+        rows = self.db.execute(
+            "SELECT v.path, v.type, v.size, v.mtime_ns, v.mode FROM snapshots s"
+            " JOIN snapshot_files sf ON sf.snap = s.rowid JOIN file_versions v ON v.id = sf.version WHERE s.id = ?",
+            [snap_id],
+        ).fetchall()
+        return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
 
     def name_taken(self, guest: str, name: str) -> bool:
         return bool(self.db.execute("SELECT 1 FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone())

@@ -29,11 +29,14 @@ import pluggy
 
 from vbfs import __version__
 from vbfs.catalog import Catalog, format_time, snapshot_name, summary_of
+from vbfs.engine.fileindex import index_snapshot
 from vbfs.errors import SourceError, VbfsError
 from vbfs.failpoints import failpoint
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
+from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
 from vbfs.store.repository import ZERO_ID, Repository
+from vbfs.vfs import SnapshotTree
 
 MAX_IN_FLIGHT = 8
 _NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
@@ -181,11 +184,19 @@ class DiskWriter:
 
 
 class BackupRun:
-    def __init__(self, repo: Repository, catalog: Catalog, pm: pluggy.PluginManager, progress: Progress | None = None):
+    def __init__(
+        self,
+        repo: Repository,
+        catalog: Catalog,
+        pm: pluggy.PluginManager,
+        progress: Progress | None = None,
+        index_files: bool = True,
+    ):
         self.repo = repo
         self.catalog = catalog
         self.pm = pm
         self.progress = progress or NoProgress()
+        self.index_files = index_files
 
     def _previous_disks(self, guest: str) -> dict[str, dict[str, Any]]:
         prev = self.catalog.latest(guest)
@@ -295,7 +306,7 @@ class BackupRun:
         while self.catalog.name_taken(guest, name):
             n += 1
             name = f"{snapshot_name(when)}-{n}"
-        manifest = {
+        manifest: dict[str, Any] = {
             "version": 1,
             "id": secrets.token_hex(16),
             "guest": guest,
@@ -311,8 +322,16 @@ class BackupRun:
             "notes": stats.notes,
             "vbfs_version": __version__,
         }
+        rows: list[tuple[str, str, int, int, int]] = []
+        if self.index_files:
+            t0 = time.monotonic()
+            tree = SnapshotTree(self.repo, manifest, ChunkCache(self.repo.get_chunk, 32 * 1024 * 1024))
+            index_ref, rows, warnings = index_snapshot(tree)
+            manifest["files_index"] = index_ref
+            manifest["notes"] += warnings
+            manifest["stats"]["index_seconds"] = round(time.monotonic() - t0, 3)
         self.repo.commit_manifest(manifest)
-        self.catalog.add(manifest)
+        self.catalog.add(manifest, rows)
         self.pm.hook.vbfs_snapshot_committed(snapshot=summary_of(manifest))
         return manifest
 

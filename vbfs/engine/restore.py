@@ -1,8 +1,9 @@
-"""Restore: copy a node of the snapshot tree (a disk image, a config file, a folder) out to a local path.
+"""Restore: copy a node of the snapshot tree (a disk image, a guest file or folder, ...) out to a local path.
 
 Files are written to a temporary name beside the target and renamed into place only when every byte was read
-and verified, so a damaged chunk never leaves a plausible-looking but wrong file behind. Disk images are written
-sparse: chunks that are all zeros are skipped, not written.
+and verified, so a damaged chunk never leaves a plausible-looking but wrong file behind. Disk images and guest
+files are written sparse (zero blocks stay holes). Guest files get back their mode, times and — when running as
+root — owner; symlinks are recreated as symlinks (never followed) and hard links as hard links.
 """
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ from __future__ import annotations
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vbfs.engine.backup import NoProgress, Progress
 from vbfs.errors import VbfsError
-from vbfs.vfs import Dir, File, Node
+from vbfs.vfs import Dir, File, Node, Symlink
 
 WINDOW = 8
 PIECE = 4 * 1024 * 1024
@@ -26,6 +27,7 @@ SPARSE_BLOCK = 64 * 1024
 class RestoreStats:
     files: int = 0
     bytes: int = 0
+    links: dict[object, Path] = field(default_factory=dict)  # hard-link key → first restored path
 
 
 def _extents(node: File) -> list[tuple[int, int]]:
@@ -76,8 +78,9 @@ def restore_file(node: File, target: Path, progress: Progress, stats: RestoreSta
             tmp.unlink(missing_ok=True)
     mode = node.attr.mode & 0o7777
     # Synthetic files of the tree (disks, vm.json) are read-only in the mount; a restored copy is the user's.
-    os.chmod(tmp, 0o644 if mode == 0o444 else mode)
-    os.utime(tmp, ns=(node.attr.mtime_ns, node.attr.mtime_ns))
+    _set_owner(tmp, node)
+    os.chmod(tmp, mode if _is_guest(node) else 0o644)
+    os.utime(tmp, ns=(node.attr.atime_ns or node.attr.mtime_ns, node.attr.mtime_ns))
     os.replace(tmp, target)
     stats.files += 1
 
@@ -118,14 +121,41 @@ def restore(node: Node, target: Path, progress: Progress | None = None) -> Resto
     return stats
 
 
+def _is_guest(node: Node) -> bool:
+    return node.from_guest
+
+
+def _set_owner(path: Path, node: Node) -> None:
+    if os.geteuid() == 0 and _is_guest(node):
+        os.lchown(path, node.attr.uid, node.attr.gid)
+
+
 def _restore(node: Node, target: Path, progress: Progress, stats: RestoreStats) -> None:
     if isinstance(node, Dir):
         target.mkdir(parents=True, exist_ok=True)
         for child in node.children():
             _restore(child, target / child.name, progress, stats)
+        if _is_guest(node):
+            _set_owner(target, node)
+            os.chmod(target, node.attr.mode & 0o7777)
+            os.utime(target, ns=(node.attr.atime_ns or node.attr.mtime_ns, node.attr.mtime_ns))
+    elif isinstance(node, Symlink):
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        os.symlink(node.target, target)
+        _set_owner(target, node)
+        os.utime(target, ns=(node.attr.mtime_ns, node.attr.mtime_ns), follow_symlinks=False)
     elif isinstance(node, File):
         if not target.parent.is_dir():
             raise VbfsError(f"cannot restore to {target}: {target.parent} is not a folder")
+        if node.attr.nlink > 1 and _is_guest(node):
+            first = stats.links.get(node.key)
+            if first is not None:
+                if target.exists():
+                    target.unlink()
+                os.link(first, target)
+                return
+            stats.links[node.key] = target
         restore_file(node, target, progress, stats)
     else:
-        raise VbfsError(f"cannot restore {node.name}: not a file or folder")
+        raise VbfsError(f"cannot restore {node.name}: not a file, folder or symlink")

@@ -7,14 +7,14 @@
 from __future__ import annotations
 
 import stat
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from vbfs.guestfs.model import GuestEntry, GuestFS
 
 S_IFMT_DIR = stat.S_IFDIR
 
 
-def detect(fh: BinaryIO, size: int) -> str | None:
+def detect(fh: Any, size: int) -> str | None:
     """The filesystem type on a volume, by magic numbers; ``None`` when none is recognised."""
     fh.seek(0)
     head = fh.read(4096)
@@ -42,7 +42,7 @@ def _ts(value: Any) -> int:
 class ExtGuestFS(GuestFS):
     fstype = "ext4"
 
-    def __init__(self, fh: BinaryIO, label: str):
+    def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
         from dissect.extfs import ExtFS
 
@@ -76,13 +76,13 @@ class ExtGuestFS(GuestFS):
         return [self._entry(n, n.filename) for n in entry.handle.iterdir() if n.filename not in (".", "..")]
 
     def _open(self, entry: GuestEntry) -> BinaryIO:
-        return entry.handle.open()  # type: ignore[no-any-return]
+        return cast(BinaryIO, entry.handle.open())
 
 
 class XfsGuestFS(GuestFS):
     fstype = "xfs"
 
-    def __init__(self, fh: BinaryIO, label: str):
+    def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
         from dissect.xfs import XFS
 
@@ -116,7 +116,7 @@ class XfsGuestFS(GuestFS):
         return [self._entry(n, n.filename) for n in entry.handle.iterdir() if n.filename not in (".", "..")]
 
     def _open(self, entry: GuestEntry) -> BinaryIO:
-        return entry.handle.open()  # type: ignore[no-any-return]
+        return cast(BinaryIO, entry.handle.open())
 
 
 class FatGuestFS(GuestFS):
@@ -125,7 +125,7 @@ class FatGuestFS(GuestFS):
 
     fstype = "fat"
 
-    def __init__(self, fh: BinaryIO, label: str):
+    def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
         from dissect.fat import FATFS
 
@@ -135,10 +135,8 @@ class FatGuestFS(GuestFS):
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
         is_dir = node.is_directory()
-        if is_dir:
-            mode = stat.S_IFDIR | 0o755
-        else:
-            mode = stat.S_IFREG | (0o444 if node.is_readonly() else 0o644)
+        perm = 0o755 if is_dir else 0o444 if node.is_readonly() else 0o644
+        mode = (stat.S_IFDIR if is_dir else stat.S_IFREG) | perm
         cluster = int(node.cluster or 0)
         if cluster:
             ino = cluster
@@ -173,7 +171,7 @@ class FatGuestFS(GuestFS):
         return out
 
     def _open(self, entry: GuestEntry) -> BinaryIO:
-        return entry.handle.open()  # type: ignore[no-any-return]
+        return cast(BinaryIO, entry.handle.open())
 
 
 class NtfsGuestFS(GuestFS):
@@ -182,7 +180,7 @@ class NtfsGuestFS(GuestFS):
 
     fstype = "ntfs"
 
-    def __init__(self, fh: BinaryIO, label: str):
+    def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
         from dissect.ntfs import NTFS
 
@@ -231,7 +229,7 @@ class NtfsGuestFS(GuestFS):
         out = []
         seen = set()
         for name, idx in entry.handle.listdir(ignore_dos=True).items():
-            if name in (".",) or name.startswith("$") and entry.handle.segment == 5:
+            if name in (".",) or (name.startswith("$") and entry.handle.segment == 5):
                 continue
             record = idx.dereference() if hasattr(idx, "dereference") else idx
             if (name, record.segment) in seen:
@@ -241,7 +239,7 @@ class NtfsGuestFS(GuestFS):
         return out
 
     def _open(self, entry: GuestEntry) -> BinaryIO:
-        return entry.handle.open()  # type: ignore[no-any-return]
+        return cast(BinaryIO, entry.handle.open())
 
 
 class BtrfsGuestFS(GuestFS):
@@ -249,7 +247,7 @@ class BtrfsGuestFS(GuestFS):
 
     fstype = "btrfs"
 
-    def __init__(self, fh: BinaryIO, label: str):
+    def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
         from dissect.btrfs import Btrfs
 
@@ -282,7 +280,7 @@ class BtrfsGuestFS(GuestFS):
         return [self._entry(n, name) for name, n in entry.handle.listdir().items() if name not in (".", "..")]
 
     def _open(self, entry: GuestEntry) -> BinaryIO:
-        return entry.handle.open()  # type: ignore[no-any-return]
+        return cast(BinaryIO, entry.handle.open())
 
 
 BUILTIN = {"ext": ExtGuestFS, "xfs": XfsGuestFS, "fat": FatGuestFS, "ntfs": NtfsGuestFS, "btrfs": BtrfsGuestFS}

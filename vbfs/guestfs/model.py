@@ -55,7 +55,7 @@ class GuestFS:
     fstype = "?"
     OPEN_STREAMS = 16
 
-    def __init__(self, fh: BinaryIO, label: str):
+    def __init__(self, fh: Any, label: str):
         self.fh = fh
         self.label = label  # e.g. "web01 sda p1", for messages
         self.lock = threading.RLock()

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from vbfs.guestfs.filesystems import detect
 from vbfs.guestfs.stream import RangeReader
@@ -31,8 +33,13 @@ class Volume:
     note: str = ""  # why no filesystem is shown, or what the volume is (an LVM physical volume, ...)
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "offset": self.offset, "size": self.size, "filesystem": self.fstype,
-                "note": self.note}
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "size": self.size,
+            "filesystem": self.fstype,
+            "note": self.note,
+        }
 
 
 def _is_lvm_pv(reader: RangeReader) -> bool:
@@ -70,7 +77,7 @@ def _lvm_volumes(reader: RangeReader, part_name: str) -> tuple[list[Volume], str
     return out, f"LVM2 physical volume of volume group {vg.name}"
 
 
-def _reader_of(fh: object) -> object:
+def _reader_of(fh: Any) -> Callable[[int, int], bytes]:
     """``read_at`` over a dissect stream (which keeps one position): each call seeks then reads."""
     import threading
 
@@ -78,8 +85,8 @@ def _reader_of(fh: object) -> object:
 
     def read_at(offset: int, length: int) -> bytes:
         with lock:
-            fh.seek(offset)  # type: ignore[attr-defined]
-            return fh.read(length)  # type: ignore[attr-defined,no-any-return]
+            fh.seek(offset)
+            return bytes(fh.read(length))
 
     return read_at
 
@@ -118,8 +125,16 @@ def discover(disk: RangeReader) -> list[Volume]:
         if isinstance(ptype, int) and ptype in EXTENDED_MBR_TYPES:
             continue
         if part.size <= 0 or part.offset + part.size > disk.size:
-            out.append(Volume(f"p{part.number}", part.offset, max(0, part.size), whole.reader,
-                              None, "partition lies outside the disk"))
+            out.append(
+                Volume(
+                    f"p{part.number}",
+                    part.offset,
+                    max(0, part.size),
+                    whole.reader,
+                    None,
+                    "partition lies outside the disk",
+                )
+            )
             continue
         vol = Volume(f"p{part.number}", part.offset, part.size, disk.sub(part.offset, part.size))
         if ptype in (LVM_GPT_TYPE, LVM_MBR_TYPE) or _is_lvm_pv(vol.reader):

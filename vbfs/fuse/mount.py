@@ -1,0 +1,154 @@
+"""Mounting and unmounting: the trio main loop around pyfuse3, the background process, ``vbfs umount``.
+
+``vbfs mount`` forks: the child mounts, tells the parent over a pipe that the mount is up (or why it is not), and
+serves until it is unmounted; the parent exits as soon as it knows. The child logs to ``mount.log`` in the
+catalog's folder. SIGINT and SIGTERM unmount cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from vbfs.errors import VbfsError
+from vbfs.fuse.ops import VbfsOperations
+from vbfs.vfs import Node
+
+log = logging.getLogger("vbfs.mount")
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise VbfsError(f"{mountpoint} is not a folder")
+    if os.path.ismount(mountpoint):
+        raise VbfsError(f"{mountpoint} is already a mount point (vbfs umount {mountpoint} first)")
+    if not os.path.exists("/dev/fuse"):
+        raise VbfsError("/dev/fuse is missing: install fuse3 and load the fuse module")
+
+
+async def _serve() -> None:
+    async with trio.open_nursery() as nursery:
+
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _sig in signals:
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signal)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def serve(root: Node, mountpoint: Path, on_ready: Callable[[], None] | None = None, debug: bool = False) -> None:
+    """Mount ``root`` at ``mountpoint`` and serve until unmounted (blocks)."""
+    ops = VbfsOperations(root)
+    options = set(pyfuse3.default_options)
+    options.discard("default_permissions")
+    options |= {"fsname=vbfs", "subtype=vbfs", "ro", "default_permissions"}
+    if debug:
+        options.add("debug")
+    try:
+        pyfuse3.init(ops, str(mountpoint), options)
+    except RuntimeError as exc:
+        raise VbfsError(f"cannot mount at {mountpoint}: {exc}") from None
+    log.info("mounted at %s", mountpoint)
+    if on_ready is not None:
+        on_ready()
+    try:
+        trio.run(_serve)
+    except BaseException:
+        log.exception("the mount loop failed")
+        raise
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        except Exception:
+            log.exception("closing the mount failed")
+        log.info("unmounted %s", mountpoint)
+
+
+def serve_in_background(make_root: Callable[[], Node], mountpoint: Path, log_file: Path) -> int:
+    """Fork; the child mounts and serves. Returns the child's pid once the mount is up, raises if it failed."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as r:
+            answer = r.read().decode(errors="replace")
+        if answer != "ok":
+            os.waitpid(pid, 0)
+            raise VbfsError(answer or "the mount process died before mounting")
+        return pid
+    # the child
+    os.close(read_fd)
+    code = 0
+    try:
+        os.setsid()
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        logging.basicConfig(
+            filename=log_file,
+            level=logging.INFO,
+            format="%(asctime)s vbfs-mount[%(process)d] %(levelname)s %(message)s",
+        )
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+
+        def ready() -> None:
+            os.write(write_fd, b"ok")
+            os.close(write_fd)
+
+        serve(make_root(), mountpoint, ready)
+    except VbfsError as exc:
+        _tell(write_fd, str(exc))
+        code = 2
+    except BaseException as exc:
+        log.exception("mount failed")
+        _tell(write_fd, f"the mount failed: {exc}")
+        code = 1
+    finally:
+        os._exit(code)
+
+
+def _tell(fd: int, message: str) -> None:
+    try:
+        os.write(fd, message.encode())
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def unmount(mountpoint: Path) -> None:
+    """Unmount a vbfs mount, also one whose process was killed (a stale mount)."""
+    exe = shutil.which("fusermount3") or shutil.which("fusermount")
+    if exe is None:
+        raise VbfsError("fusermount3 is missing: install fuse3")
+    proc = subprocess.run([exe, "-u", str(mountpoint)], capture_output=True, text=True)
+    if proc.returncode == 0:
+        return
+    err = proc.stderr.strip()
+    if "not found in /etc/mtab" in err or "not mounted" in err:
+        raise VbfsError(f"{mountpoint} is not mounted")
+    # busy or a dead connection: detach it now, the kernel finishes when the last user lets go
+    lazy = subprocess.run([exe, "-u", "-z", str(mountpoint)], capture_output=True, text=True)
+    if lazy.returncode != 0:
+        raise VbfsError(f"cannot unmount {mountpoint}: {lazy.stderr.strip() or err}")
+
+
+def wait_unmounted(mountpoint: Path, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while os.path.ismount(mountpoint):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
