@@ -7,7 +7,7 @@ import os
 import random
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -93,3 +93,47 @@ def template_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("template")
     tree = write_tree(d / "tree", guest_files())
     return gpt_ext4(d / "template.raw", 64 * MiB, tree)
+
+
+@pytest.fixture(scope="session")
+def guest_disks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A GPT disk with ext4, XFS, FAT32, LVM2/ext4 and an unknown partition, and an MBR disk with NTFS."""
+    if os.geteuid() != 0:
+        pytest.skip("building XFS, LVM2 and NTFS test images needs root (loop devices, ntfs-3g)")
+    from tests.guest_images import build_linux_disk, build_windows_disk
+
+    work = tmp_path_factory.mktemp("guests")
+    return {"linux": build_linux_disk(work), "windows": build_windows_disk(work), "work": work}
+
+
+class Mount:
+    def __init__(self, vbfs: Vbfs, path: Path):
+        self.vbfs = vbfs
+        self.path = path
+
+    def log(self) -> str:
+        logs = list(self.vbfs.repo.glob("mount.log")) + list((self.vbfs.repo.parent / "cache").rglob("mount.log"))
+        return "\n".join(p.read_text() for p in logs)
+
+
+@pytest.fixture
+def mounted(tmp_path: Path) -> Iterator[Callable[[Vbfs], Mount]]:
+    """Mount a repository for real (a background `vbfs mount`), unmount in teardown, show the log on failure."""
+    mounts: list[Mount] = []
+
+    def mount(v: Vbfs) -> Mount:
+        path = tmp_path / f"mnt{len(mounts)}"
+        path.mkdir()
+        v("mount", str(path))
+        assert os.path.ismount(path)
+        m = Mount(v, path)
+        mounts.append(m)
+        return m
+
+    yield mount
+    from vbfs.fuse.mount import is_mounted
+
+    for m in mounts:
+        if is_mounted(m.path):
+            m.vbfs("umount", str(m.path), check=False)
+        print(f"--- mount log of {m.path} ---\n{m.log()}")

@@ -22,6 +22,7 @@ Symlinks of the guest are shown as they are and are never followed by vbfs itsel
 from __future__ import annotations
 
 import json
+import logging
 import stat
 import threading
 from collections import OrderedDict
@@ -38,6 +39,8 @@ from vbfs.guestfs.volumes import Volume, discover
 from vbfs.store.cache import ChunkCache
 from vbfs.store.objects import DiskImage, StreamFile
 from vbfs.store.repository import ZERO_ID, Repository
+
+log = logging.getLogger("vbfs.tree")
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Node:
     key: Hashable
     immutable = True  # its attributes and contents never change (snapshots); False for guest lists, `latest`
     from_guest = False  # a file, folder or symlink of a guest filesystem (its mode and owner are the guest's)
+    _where: str | None = None
+
+    @property
+    def where(self) -> str:
+        """Where the node is, for messages: the snapshot and the path when known."""
+        return self._where or self.name
 
 
 class Dir(Node):
@@ -126,6 +135,7 @@ class DiskFile(File):
         self.key = key
         self.image = image
         self.attr = Attr(stat.S_IFREG | 0o444, image.size, mtime_ns)
+        self._where = f"disks/{self.name}"
 
     def read(self, offset: int, length: int) -> bytes:
         return self.image.read(offset, length)
@@ -178,25 +188,31 @@ def _guest_attr(e: GuestEntry) -> Attr:
     return Attr(e.mode, e.size, e.mtime_ns, e.uid, e.gid, e.nlink, e.atime_ns, e.ctime_ns)
 
 
-def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...]) -> Node:
+def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], parent_path: str = "") -> Node:
     key = (*base_key, entry.ino)
+    path = f"{parent_path}/{entry.name}"
+    node: Node
     if entry.is_dir:
-        return GuestDirNode(fs, entry, base_key)
-    if entry.is_symlink:
+        node = GuestDirNode(fs, entry, base_key, path)
+    elif entry.is_symlink:
         node = LinkNode(entry.name, key, entry.target or "", entry.mtime_ns)
         node.attr = _guest_attr(entry)
         node.from_guest = True
-        return node
-    return GuestFileNode(fs, entry, key)
+    else:
+        node = GuestFileNode(fs, entry, key)
+    node._where = f"{fs.label}:{path}"
+    return node
 
 
 class GuestDirNode(Dir):
     from_guest = True
 
-    def __init__(self, fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...]):
+    def __init__(self, fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], path: str = ""):
         self.fs = fs
         self.entry = entry
         self.name = entry.name
+        self.path = path
+        self._where = f"{fs.label}:{path or '/'}"
         self.base_key = base_key
         self.key = (*base_key, entry.ino)
         self.attr = _guest_attr(entry)
@@ -206,7 +222,9 @@ class GuestDirNode(Dir):
     def _load(self) -> dict[str, Node]:
         with self._lock:
             if self._kids is None:
-                self._kids = {e.name: guest_node(self.fs, e, self.base_key) for e in self.fs.listdir(self.entry)}
+                self._kids = {
+                    e.name: guest_node(self.fs, e, self.base_key, self.path) for e in self.fs.listdir(self.entry)
+                }
             return self._kids
 
     def children(self) -> list[Node]:
@@ -334,7 +352,9 @@ class SnapshotTree:
         files: list[Node] = []
         for d in m["disks"]:
             image = self.images[d["name"]]
-            disk_nodes.append(DiskFile(image, (sid, "disks", d["name"]), t))
+            disk_file = DiskFile(image, (sid, "disks", d["name"]), t)
+            disk_file._where = self.label(f"disks/{disk_file.name}")
+            disk_nodes.append(disk_file)
             files.append(DiskFilesDir(self, d["name"], t))
         kids: list[Node] = [
             LazyBytesFile("vm.json", (sid, "vm.json"), self.vm_json, t),
@@ -507,7 +527,9 @@ class RepositoryTree:
             if tree is not None:
                 self._snaps.move_to_end(snap_id)
                 return tree
-        tree = SnapshotTree(self.repo, self.repo.load_manifest(snap_id), self.cache)
+        manifest = self.repo.load_manifest(snap_id)
+        log.info("opened snapshot %s@%s (%s)", manifest["guest"], manifest["name"], snap_id)
+        tree = SnapshotTree(self.repo, manifest, self.cache)
         with self._lock:
             tree = self._snaps.setdefault(snap_id, tree)
             while len(self._snaps) > self.KEEP_SNAPSHOTS:

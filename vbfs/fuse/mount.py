@@ -29,7 +29,7 @@ log = logging.getLogger("vbfs.mount")
 def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.is_dir():
         raise VbfsError(f"{mountpoint} is not a folder")
-    if os.path.ismount(mountpoint):
+    if is_mounted(mountpoint):
         raise VbfsError(f"{mountpoint} is already a mount point (vbfs umount {mountpoint} first)")
     if not os.path.exists("/dev/fuse"):
         raise VbfsError("/dev/fuse is missing: install fuse3 and load the fuse module")
@@ -128,11 +128,27 @@ def _tell(fd: int, message: str) -> None:
         pass
 
 
+def is_mounted(mountpoint: Path) -> bool:
+    """Whether the kernel has a mount at ``mountpoint`` (also a dead FUSE mount, which ``ismount`` misses)."""
+    target = os.path.realpath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                where = line.split()[4].encode().decode("unicode_escape")
+                if where == target:
+                    return True
+    except OSError:
+        return os.path.ismount(mountpoint)
+    return False
+
+
 def unmount(mountpoint: Path) -> None:
     """Unmount a vbfs mount, also one whose process was killed (a stale mount)."""
     exe = shutil.which("fusermount3") or shutil.which("fusermount")
     if exe is None:
         raise VbfsError("fusermount3 is missing: install fuse3")
+    if not is_mounted(mountpoint):
+        raise VbfsError(f"{mountpoint} is not mounted")
     proc = subprocess.run([exe, "-u", str(mountpoint)], capture_output=True, text=True)
     if proc.returncode == 0:
         return
@@ -147,7 +163,7 @@ def unmount(mountpoint: Path) -> None:
 
 def wait_unmounted(mountpoint: Path, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
-    while os.path.ismount(mountpoint):
+    while is_mounted(mountpoint):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)

@@ -116,7 +116,7 @@ class VbfsOperations(pyfuse3.Operations):
             child = parent.lookup(text)
             return child, 0, self._attrs(0, child)
 
-        child, _, attrs = await self._call(f"lookup {text}", find)
+        child, _, attrs = await self._call(f"lookup {text} in {parent.where}", find)
         ino = self._ino(child)
         attrs.st_ino = ino
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
@@ -124,7 +124,7 @@ class VbfsOperations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        return await self._call(f"getattr {node.name}", self._attrs, inode, node)
+        return await self._call(f"getattr {node.where}", self._attrs, inode, node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
@@ -140,7 +140,7 @@ class VbfsOperations(pyfuse3.Operations):
         def listing() -> list[tuple[Node, pyfuse3.EntryAttributes]]:
             return [(c, self._attrs(0, c)) for c in sorted(node.children(), key=lambda n: n.name)]
 
-        entries = await self._call(f"listing {node.name}", listing)
+        entries = await self._call(f"listing {node.where}", listing)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = entries
@@ -174,7 +174,7 @@ class VbfsOperations(pyfuse3.Operations):
         node = self._open.get(fh)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EBADF)
-        return await self._call(f"read {node.name}", node.read, off, size)
+        return await self._call(f"read {node.where}", node.read, off, size)
 
     async def release(self, fh: int) -> None:
         self._open.pop(fh, None)

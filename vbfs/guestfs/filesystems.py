@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import stat
+import struct
 from typing import Any, BinaryIO, cast
 
 from vbfs.guestfs.model import GuestEntry, GuestFS
@@ -33,6 +34,30 @@ def detect(fh: Any, size: int) -> str | None:
         if fh.read(8) == b"_BHRfS_M":
             return "btrfs"
     return None
+
+
+EXT4_INLINE_DATA_FL = 0x10000000
+_DIRENT = struct.Struct("<IHBB")
+
+
+def check_ext_directory(data: bytes, block_size: int, inodes_count: int) -> None:
+    """Reject a directory whose blocks do not hold a valid chain of entries (the kernel's own checks).
+
+    dissect skips entries it cannot make sense of; a damaged folder must be an error instead of a shorter listing.
+    """
+    for base in range(0, len(data) - len(data) % block_size, block_size):
+        off = 0
+        while off < block_size:
+            if off + 12 > block_size:
+                raise ValueError(f"directory block {base // block_size}: entry at {off} crosses the block end")
+            ino, rec_len, name_len, _ftype = _DIRENT.unpack_from(data, base + off)
+            if rec_len == 0 and block_size == 65536:
+                rec_len = 65536
+            if rec_len < 12 or rec_len % 4 or off + rec_len > block_size:
+                raise ValueError(f"directory block {base // block_size}: bad entry length {rec_len} at {off}")
+            if ino and (name_len + 8 > rec_len or ino > inodes_count):
+                raise ValueError(f"directory block {base // block_size}: bad entry at {off}")
+            off += rec_len
 
 
 def _ts(value: Any) -> int:
@@ -73,7 +98,10 @@ class ExtGuestFS(GuestFS):
         return self._entry(self.fs.get(2), "")
 
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        return [self._entry(n, n.filename) for n in entry.handle.iterdir() if n.filename not in (".", "..")]
+        node = entry.handle
+        if not int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:
+            check_ext_directory(node.open().read(), int(self.fs.block_size), int(self.fs.sb.s_inodes_count))
+        return [self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", "..")]
 
     def _open(self, entry: GuestEntry) -> BinaryIO:
         return cast(BinaryIO, entry.handle.open())
@@ -162,12 +190,25 @@ class FatGuestFS(GuestFS):
         root.ino = 1
         return root
 
+    @staticmethod
+    def _name(node: Any) -> str:
+        """The long name, or the short name with the case flags that Windows and Linux honour (NT bits 3, 4)."""
+        if node.ldirents or node.dirent is None:
+            return str(node.name)
+        flags = int(node.dirent.DIR_NTRes)
+        base, dot, ext = str(node.short_name).partition(".")
+        if flags & 0x08:
+            base = base.lower()
+        if flags & 0x10:
+            ext = ext.lower()
+        return base + dot + ext
+
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
         out = []
         for n in entry.handle.iterdir():
             if n.is_volume_id() or n.name in (".", ".."):
                 continue
-            out.append(self._entry(n, n.name))
+            out.append(self._entry(n, self._name(n)))
         return out
 
     def _open(self, entry: GuestEntry) -> BinaryIO:

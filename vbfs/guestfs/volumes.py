@@ -60,7 +60,7 @@ def _lvm_volumes(reader: RangeReader, part_name: str) -> tuple[list[Volume], str
         return [], f"LVM2 physical volume that cannot be read ({exc or type(exc).__name__})"
     out = []
     for lv in vg.lv:
-        if not lv.is_visible():
+        if not lv.is_visible:
             continue
         name = f"{vg.name}-{lv.name}"
         try:
@@ -124,7 +124,7 @@ def discover(disk: RangeReader) -> list[Volume]:
         ptype = part.type
         if isinstance(ptype, int) and ptype in EXTENDED_MBR_TYPES:
             continue
-        if part.size <= 0 or part.offset + part.size > disk.size:
+        if part.size <= 0 or part.offset + part.size > disk.size:  # (checked again with the exact size below)
             out.append(
                 Volume(
                     f"p{part.number}",
@@ -136,7 +136,11 @@ def discover(disk: RangeReader) -> list[Volume]:
                 )
             )
             continue
-        vol = Volume(f"p{part.number}", part.offset, part.size, disk.sub(part.offset, part.size))
+        size = part.size
+        last, first = getattr(part.raw, "last_lba", None), getattr(part.raw, "first_lba", None)
+        if last is not None and first is not None:  # GPT's last LBA is inclusive
+            size = (int(last) - int(first) + 1) * table.sector_size
+        vol = Volume(f"p{part.number}", part.offset, size, disk.sub(part.offset, size))
         if ptype in (LVM_GPT_TYPE, LVM_MBR_TYPE) or _is_lvm_pv(vol.reader):
             lvs, vol.note = _lvm_volumes(vol.reader, vol.name)
             out.append(vol)
