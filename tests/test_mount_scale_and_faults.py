@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -154,3 +155,22 @@ def test_missing_chunk_is_eio_for_what_uses_it(vbfs: Vbfs, tmp_path: Path, mount
     missing = [line for line in m.log().splitlines() if "ERROR" in line]
     assert len(missing) == 1, m.log()
     assert "web01@" in missing[0] and "p1:/srv/big.bin" in missing[0] and "is missing" in missing[0]
+
+
+def test_filesystem_without_partition_table_and_new_snapshots_appear(
+    vbfs: Vbfs, tmp_path: Path, mounted: Callable[[Vbfs], Mount]
+) -> None:
+    tree = write_tree(tmp_path / "tree", {"data/readme.txt": "no partition table here\n"})
+    image = ext4_file(tmp_path / "bare.raw", 16 * MiB, tree)
+    vbfs("backup", f"image://{image}")
+    m = mounted(vbfs)
+    assert os.listdir(m.path / "bare/latest/files/bare") == ["whole"]
+    assert (m.path / "bare/latest/files/bare/whole/data/readme.txt").read_text() == "no partition table here\n"
+    # a backup that lands while the tree is mounted shows up without remounting
+    other = ext4_file(tmp_path / "second.raw", 16 * MiB, tree)
+    vbfs("backup", f"image://{other}")
+    deadline = time.monotonic() + 5
+    while "second" not in os.listdir(m.path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "second" in os.listdir(m.path)
+    assert (m.path / "second/latest/files/second/whole/data/readme.txt").exists()

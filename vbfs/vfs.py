@@ -84,6 +84,22 @@ class Dir(Node):
         raise PathNotFound(f"no {name!r} here")
 
 
+class MappedDir(Dir):
+    """A folder whose children come as a name → node mapping from ``_load`` (which may cache it)."""
+
+    def _load(self) -> dict[str, Node]:
+        raise NotImplementedError
+
+    def children(self) -> list[Node]:
+        return list(self._load().values())
+
+    def lookup(self, name: str) -> Node:
+        try:
+            return self._load()[name]
+        except KeyError:
+            raise PathNotFound(f"no {name!r} here") from None
+
+
 class File(Node):
     def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
@@ -101,21 +117,15 @@ def _dir_attr(mtime_ns: int) -> Attr:
     return Attr(stat.S_IFDIR | 0o555, 0, mtime_ns, nlink=2)
 
 
-class StaticDir(Dir):
+class StaticDir(MappedDir):
     def __init__(self, name: str, key: Hashable, mtime_ns: int, kids: list[Node]):
         self.name = name
         self.key = key
         self.attr = _dir_attr(mtime_ns)
         self._kids = {k.name: k for k in kids}
 
-    def children(self) -> list[Node]:
-        return list(self._kids.values())
-
-    def lookup(self, name: str) -> Node:
-        try:
-            return self._kids[name]
-        except KeyError:
-            raise PathNotFound(f"no {name!r} here") from None
+    def _load(self) -> dict[str, Node]:
+        return self._kids
 
 
 class BytesFile(File):
@@ -204,7 +214,7 @@ def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], p
     return node
 
 
-class GuestDirNode(Dir):
+class GuestDirNode(MappedDir):
     from_guest = True
 
     def __init__(self, fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], path: str = ""):
@@ -226,15 +236,6 @@ class GuestDirNode(Dir):
                     e.name: guest_node(self.fs, e, self.base_key, self.path) for e in self.fs.listdir(self.entry)
                 }
             return self._kids
-
-    def children(self) -> list[Node]:
-        return list(self._load().values())
-
-    def lookup(self, name: str) -> Node:
-        try:
-            return self._load()[name]
-        except KeyError:
-            raise PathNotFound(f"no {name!r} here") from None
 
 
 class GuestFileNode(File):
@@ -438,7 +439,7 @@ class DisksDir(Dir):
         return super().lookup(name)
 
 
-class DiskFilesDir(Dir):
+class DiskFilesDir(MappedDir):
     """``files/<disk>/``: one folder per volume with a known filesystem."""
 
     def __init__(self, snap: SnapshotTree, disk: str, mtime_ns: int):
@@ -459,15 +460,6 @@ class DiskFilesDir(Dir):
                         kids[v.name] = LazyVolumeRoot(self.snap, self.disk, v, self.attr.mtime_ns)
                 self._kids = kids
             return self._kids
-
-    def children(self) -> list[Node]:
-        return list(self._load().values())
-
-    def lookup(self, name: str) -> Node:
-        try:
-            return self._load()[name]
-        except KeyError:
-            raise PathNotFound(f"no {name!r} here") from None
 
 
 class LazyVolumeRoot(Dir):

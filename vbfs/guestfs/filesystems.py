@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import stat
 import struct
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from vbfs.guestfs.model import GuestEntry, GuestFS
 
@@ -64,6 +64,25 @@ def _ts(value: Any) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
+def _inode_entry(node: Any, name: str, *, mode: int, uid: int, gid: int, nlink: int) -> GuestEntry:
+    """An entry of a Unix filesystem whose dissect inode has size, times, ``inum`` and ``link``."""
+    entry = GuestEntry(
+        name=name,
+        ino=int(node.inum),
+        mode=mode,
+        size=int(node.size),
+        uid=uid,
+        gid=gid,
+        nlink=nlink,
+        mtime_ns=_ts(node.mtime_ns),
+        atime_ns=_ts(node.atime_ns),
+        ctime_ns=_ts(node.ctime_ns),
+    )
+    if stat.S_ISLNK(mode):
+        entry.target = node.link
+    return entry
+
+
 class ExtGuestFS(GuestFS):
     fstype = "ext4"
 
@@ -76,35 +95,26 @@ class ExtGuestFS(GuestFS):
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
         ino = node.inode
-        mode = int(ino.i_mode)
-        entry = GuestEntry(
-            name=name,
-            ino=int(node.inum),
-            mode=mode,
-            size=int(node.size),
+        return _inode_entry(
+            node,
+            name,
+            mode=int(ino.i_mode),
             uid=int(ino.i_uid) | (int(ino.i_uid_high) << 16),
             gid=int(ino.i_gid) | (int(ino.i_gid_high) << 16),
             nlink=int(ino.i_links_count),
-            mtime_ns=_ts(node.mtime_ns),
-            atime_ns=_ts(node.atime_ns),
-            ctime_ns=_ts(node.ctime_ns),
-            handle=node,
         )
-        if stat.S_ISLNK(mode):
-            entry.target = node.link
-        return entry
 
     def _root(self) -> GuestEntry:
         return self._entry(self.fs.get(2), "")
 
+    def _resolve(self, entry: GuestEntry) -> Any:
+        return self.fs.get_inode(entry.ino)
+
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        node = entry.handle
+        node = self._resolve(entry)
         if not int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:
             check_ext_directory(node.open().read(), int(self.fs.block_size), int(self.fs.sb.s_inodes_count))
         return [self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", "..")]
-
-    def _open(self, entry: GuestEntry) -> BinaryIO:
-        return cast(BinaryIO, entry.handle.open())
 
 
 class XfsGuestFS(GuestFS):
@@ -119,32 +129,23 @@ class XfsGuestFS(GuestFS):
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
         ino = node.inode
-        mode = int(ino.di_mode)
-        entry = GuestEntry(
-            name=name,
-            ino=int(node.inum),
-            mode=mode,
-            size=int(node.size),
+        return _inode_entry(
+            node,
+            name,
+            mode=int(ino.di_mode),
             uid=int(ino.di_uid),
             gid=int(ino.di_gid),
             nlink=int(ino.di_nlink) or int(ino.di_onlink),
-            mtime_ns=_ts(node.mtime_ns),
-            atime_ns=_ts(node.atime_ns),
-            ctime_ns=_ts(node.ctime_ns),
-            handle=node,
         )
-        if stat.S_ISLNK(mode):
-            entry.target = node.link
-        return entry
 
     def _root(self) -> GuestEntry:
         return self._entry(self.fs.root, "")
 
-    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        return [self._entry(n, n.filename) for n in entry.handle.iterdir() if n.filename not in (".", "..")]
+    def _resolve(self, entry: GuestEntry) -> Any:
+        return self.fs.get_inode(entry.ino)
 
-    def _open(self, entry: GuestEntry) -> BinaryIO:
-        return cast(BinaryIO, entry.handle.open())
+    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+        return [self._entry(n, n.filename) for n in self._resolve(entry).iterdir() if n.filename not in (".", "..")]
 
 
 class FatGuestFS(GuestFS):
@@ -211,9 +212,6 @@ class FatGuestFS(GuestFS):
             out.append(self._entry(n, self._name(n)))
         return out
 
-    def _open(self, entry: GuestEntry) -> BinaryIO:
-        return cast(BinaryIO, entry.handle.open())
-
 
 class NtfsGuestFS(GuestFS):
     """NTFS: names in their long (Win32) form; modes are 0755 for folders and 0644 for files, owned by root.
@@ -260,27 +258,27 @@ class NtfsGuestFS(GuestFS):
             atime_ns=atime_ns,
             ctime_ns=ctime_ns,
             target=target,
-            handle=record,
         )
 
     def _root(self) -> GuestEntry:
         return self._entry(self.fs.mft.root, "")
 
+    def _resolve(self, entry: GuestEntry) -> Any:
+        return self.fs.mft.get(entry.ino)
+
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
         out = []
         seen = set()
-        for name, idx in entry.handle.listdir(ignore_dos=True).items():
-            if name in (".",) or (name.startswith("$") and entry.handle.segment == 5):
+        record = self._resolve(entry)
+        for name, idx in record.listdir(ignore_dos=True).items():
+            if name == "." or (name.startswith("$") and record.segment == 5):  # NTFS metadata files in the root
                 continue
-            record = idx.dereference() if hasattr(idx, "dereference") else idx
-            if (name, record.segment) in seen:
+            child = idx.dereference() if hasattr(idx, "dereference") else idx
+            if (name, child.segment) in seen:
                 continue
-            seen.add((name, record.segment))
-            out.append(self._entry(record, name))
+            seen.add((name, child.segment))
+            out.append(self._entry(child, name))
         return out
-
-    def _open(self, entry: GuestEntry) -> BinaryIO:
-        return cast(BinaryIO, entry.handle.open())
 
 
 class BtrfsGuestFS(GuestFS):
@@ -296,22 +294,10 @@ class BtrfsGuestFS(GuestFS):
             self.fs = Btrfs(fh)
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
-        mode = int(node.mode)
-        entry = GuestEntry(
-            name=name,
-            ino=int(node.inum),
-            mode=mode,
-            size=int(node.size),
-            uid=int(node.uid),
-            gid=int(node.gid),
-            nlink=int(node.inode.nlink),
-            mtime_ns=_ts(node.mtime_ns),
-            atime_ns=_ts(node.atime_ns),
-            ctime_ns=_ts(node.ctime_ns),
-            handle=node,
+        entry = _inode_entry(
+            node, name, mode=int(node.mode), uid=int(node.uid), gid=int(node.gid), nlink=int(node.inode.nlink)
         )
-        if stat.S_ISLNK(mode):
-            entry.target = node.link
+        entry.handle = node  # Btrfs inode numbers are per subvolume: keep the object
         return entry
 
     def _root(self) -> GuestEntry:
@@ -319,9 +305,6 @@ class BtrfsGuestFS(GuestFS):
 
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
         return [self._entry(n, name) for name, n in entry.handle.listdir().items() if name not in (".", "..")]
-
-    def _open(self, entry: GuestEntry) -> BinaryIO:
-        return cast(BinaryIO, entry.handle.open())
 
 
 BUILTIN = {"ext": ExtGuestFS, "xfs": XfsGuestFS, "fat": FatGuestFS, "ntfs": NtfsGuestFS, "btrfs": BtrfsGuestFS}

@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 from vbfs.errors import IntegrityError, VbfsError
 
@@ -34,7 +34,9 @@ class GuestEntry:
     atime_ns: int = 0
     ctime_ns: int = 0
     target: str | None = None  # symlink target
-    handle: Any = field(default=None, repr=False, compare=False)  # the parser's own object
+    # The parser's own object, for filesystems without stable inode numbers (FAT). Others find the object again
+    # from ``ino`` when it is needed, so that a listing of 100,000 entries does not keep 100,000 parser objects.
+    handle: Any = field(default=None, repr=False, compare=False)
 
     @property
     def is_dir(self) -> bool:
@@ -102,8 +104,13 @@ class GuestFS:
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
         raise NotImplementedError
 
+    def _resolve(self, entry: GuestEntry) -> Any:
+        """The parser's object for an entry."""
+        return entry.handle
+
     def _open(self, entry: GuestEntry) -> BinaryIO:
-        raise NotImplementedError
+        """A file-like object of a regular file's contents (dissect's nodes all have ``open()``)."""
+        return cast(BinaryIO, self._resolve(entry).open())
 
 
 FilesystemOpener = Callable[[BinaryIO, str], GuestFS]

@@ -1,7 +1,9 @@
 """A byte-bounded cache of decompressed, verified chunks that fetches each chunk once.
 
 Several readers asking for the same chunk at the same time share one fetch (single flight); the cache holds at
-most ``max_bytes`` of chunk data and forgets the least recently used first. Thread-safe.
+most ``max_bytes`` of chunk data and forgets the least recently used first. ``prefetch`` fetches chunks that a
+sequential reader will want next on a small pool of background threads, so that reading, decrypting and
+decompressing the next chunks overlaps with serving this one. Thread-safe.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 from vbfs.store.codec import ChunkId
 
@@ -30,6 +33,30 @@ class ChunkCache:
         self._lock = threading.Lock()
         self.fetches = 0
         self.fetched_bytes = 0
+        self._pool: ThreadPoolExecutor | None = None
+        self._prefetching: set[ChunkId] = set()
+
+    def prefetch(self, cids: list[ChunkId]) -> None:
+        """Start fetching ``cids`` in the background unless they are cached or on their way; errors are dropped
+        here (the reader that needs the chunk gets them)."""
+        with self._lock:
+            todo = [c for c in cids if c not in self._data and c not in self._flights and c not in self._prefetching]
+            if not todo:
+                return
+            self._prefetching.update(todo)
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vbfs-prefetch")
+        for cid in todo:
+            self._pool.submit(self._prefetch_one, cid)
+
+    def _prefetch_one(self, cid: ChunkId) -> None:
+        try:
+            self.get(cid)
+        except Exception:
+            pass
+        finally:
+            with self._lock:
+                self._prefetching.discard(cid)
 
     def get(self, cid: ChunkId) -> bytes:
         with self._lock:

@@ -17,6 +17,8 @@ from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
 from vbfs.store.repository import INDEX_PIECE_ENTRIES, STREAM_ENTRY, ZERO_ID, Repository
 
+PREFETCH_CHUNKS = 3
+
 
 class DiskImage:
     def __init__(self, repo: Repository, disk: dict[str, Any], cache: ChunkCache):
@@ -29,6 +31,7 @@ class DiskImage:
         self.cache = cache
         self._loaded: dict[int, bytes] = {}
         self._lock = threading.Lock()
+        self._next_sequential = -1  # where the last read ended: a read starting there is sequential
         if -(-self.count // INDEX_PIECE_ENTRIES) != len(self.pieces):
             raise IntegrityError(
                 f"disk {self.name}: chunk list has {len(self.pieces)} pieces, expected "
@@ -77,13 +80,29 @@ class DiskImage:
         if offset >= end:
             return b""
         cs = self.chunk_size
+        first, last = offset // cs, (end - 1) // cs
+        if offset == self._next_sequential:
+            self._prefetch(last + 1, PREFETCH_CHUNKS)
+        self._next_sequential = end
         parts = []
-        for i in range(offset // cs, (end - 1) // cs + 1):
-            data = self.read_chunk(i)
+        for i in range(first, last + 1):
             lo = max(offset - i * cs, 0)
             hi = min(end - i * cs, cs)
+            if self.entry(i) == ZERO_ID:
+                parts.append(bytes(hi - lo))
+                continue
+            data = self.read_chunk(i)
             parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _prefetch(self, start: int, count: int) -> None:
+        cids = []
+        for i in range(start, min(start + count, self.count)):
+            cid = self.entry(i)
+            if cid != ZERO_ID:
+                cids.append(cid)
+        if cids:
+            self.cache.prefetch(cids)
 
 
 class StreamFile:
