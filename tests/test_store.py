@@ -97,3 +97,35 @@ def test_chunk_cache_fetches_once_and_stays_bounded() -> None:
         cache.get(c)
     cache.get(b"a")  # evicted by b, c, d (3000 bytes + a > 3500): fetched again
     assert calls[b"a"] == 2
+
+
+def test_fast_ext4_inode_reader_agrees_with_dissect(tmp_path: Path) -> None:
+    from tests.conftest import random_bytes
+    from vbfs.guestfs.filesystems import ExtGuestFS, _inode_entry
+    from vbfs.testing.images import ext4_file, write_tree
+
+    tree = write_tree(tmp_path / "t", {f"d{i}/f{j}": random_bytes(j * 100, i) for i in range(5) for j in range(20)})
+    os.symlink("d1/f1", tree / "link")
+    os.utime(tree / "d1/f1", ns=(1_600_000_000_123_456_789, 1_700_000_000_987_654_321))
+    image = ext4_file(tmp_path / "fs.img", 32 * 1024 * 1024, tree)
+    with open(image, "rb") as fh:
+        fs = ExtGuestFS(fh, "test")
+        compared = 0
+        for node in fs.fs.root.iterdir():
+            todo = [node]
+            while todo:
+                n = todo.pop()
+                if n.filename in (".", ".."):
+                    continue
+                fast = fs._fast_entry(int(n.inum), n.filename)
+                ino = n.inode
+                slow = _inode_entry(n, n.filename, mode=int(ino.i_mode),
+                                    uid=int(ino.i_uid) | int(ino.i_uid_high) << 16,
+                                    gid=int(ino.i_gid) | int(ino.i_gid_high) << 16, nlink=int(ino.i_links_count))
+                assert fast is not None
+                fast.target = slow.target
+                assert fast == slow, n.filename
+                compared += 1
+                if n.filetype == 0o040000:
+                    todo.extend(n.iterdir())
+        assert compared > 100

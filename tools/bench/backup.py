@@ -1,9 +1,10 @@
 """Backup benchmark: vbfs vs borg vs restic on the same 4 GiB disk image, in one run.
 
 The image is a GPT disk with one ext4 partition holding about 2 GB of real files copied from /usr, sparse where
-the filesystem is empty. Each tool backs it up cold (page cache dropped), then 64 MiB of scattered 64 KiB blocks
-are changed and each tool backs it up again. A 16 GiB sparse image with the same files measures vbfs's memory on
-a larger disk. Results go to bench-work/backup.json and a Markdown table on stdout.
+the filesystem is empty. "vbfs" is the default (which also indexes the guest's files for find/diff);
+"--no-index" variants show the backup alone. Each tool backs it up cold (page cache dropped), then 64 MiB of
+scattered 64 KiB blocks are changed and each tool backs it up again. A 16 GiB sparse image with the same files
+measures vbfs's memory on a larger disk. Results go to bench-work/backup.json and a Markdown table on stdout.
 
     sudo .venv/bin/python tools/bench/backup.py [--workdir bench-work] [--data-gib 2]
 """
@@ -39,7 +40,7 @@ def build_image(work: Path, size: int, data_bytes: int, name: str) -> Path:
     return image
 
 
-def run_vbfs(vbfs: str, repo: Path, image: Path, step: str, chunk_mib: int = 1) -> Run:
+def run_vbfs(vbfs: str, repo: Path, image: Path, step: str, chunk_mib: int = 1, index: bool = True) -> Run:
     env = dict(os.environ, VBFS_PASSPHRASE=PASS, XDG_CACHE_HOME=str(repo.parent / "cache"))
     if step == "first":
         subprocess.run(
@@ -49,9 +50,12 @@ def run_vbfs(vbfs: str, repo: Path, image: Path, step: str, chunk_mib: int = 1) 
             capture_output=True,
         )
     drop_caches()
-    secs, rss, out = timed([vbfs, "-r", str(repo), "backup", f"image://{image}", "--guest", "bench", "--json"], env)
+    argv = [vbfs, "-r", str(repo), "backup", f"image://{image}", "--guest", "bench", "--json"]
+    secs, rss, out = timed(argv + ([] if index else ["--no-index"]), env)
     stats = json.loads(out)["stats"]
     tool = "vbfs" if chunk_mib == 1 else f"vbfs {chunk_mib} MiB chunks"
+    if not index:
+        tool += " --no-index"
     return Run(tool, step, secs, rss, du(repo), stats["read_bytes"])
 
 
@@ -98,7 +102,7 @@ def main() -> None:
     image = work / "disk4g-work.raw"
     subprocess.run(["cp", "--sparse=always", str(pristine), str(image)], check=True)
     repos = ["vbfs-repo", "borg-repo", "restic-repo", "cache", "borg-base", "restic-cache"]
-    repos += [f"vbfs-{c}m-repo" for c in args.chunk_sweep]
+    repos += [f"vbfs-{c}m-repo" for c in args.chunk_sweep] + ["vbfs-noindex-repo"]
     for d in repos:
         shutil.rmtree(work / d, ignore_errors=True)
     runs: list[Run] = []
@@ -108,10 +112,11 @@ def main() -> None:
             print(f"changed {changed // MiB} MiB in 64 KiB blocks", file=sys.stderr)
         n = len(runs)
         runs.append(run_vbfs(vbfs, work / "vbfs-repo", image, step))
+        runs.append(run_vbfs(vbfs, work / "vbfs-noindex-repo", image, step, index=False))
         runs.append(run_borg(work / "borg-repo", image, step))
         runs.append(run_restic(work / "restic-repo", image, step))
         for c in args.chunk_sweep:
-            runs.append(run_vbfs(vbfs, work / f"vbfs-{c}m-repo", image, step, c))
+            runs.append(run_vbfs(vbfs, work / f"vbfs-{c}m-repo", image, step, c, index=False))
         for r in runs[n:]:
             print(
                 f"{r.tool:22} {r.step:8} {r.seconds:7.1f} s  {r.peak_rss_mib:6.0f} MiB  {r.repo_bytes / MiB:8.0f} MiB",

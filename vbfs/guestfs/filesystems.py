@@ -37,6 +37,7 @@ def detect(fh: Any, size: int) -> str | None:
 
 
 EXT4_INLINE_DATA_FL = 0x10000000
+_EXT_INODE = struct.Struct("<HHIIIIIHH")  # i_mode i_uid i_size_lo i_atime i_ctime i_mtime i_dtime i_gid i_links_count
 _DIRENT = struct.Struct("<IHBB")
 
 
@@ -94,6 +95,11 @@ class ExtGuestFS(GuestFS):
             self.fs = ExtFS(fh)
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
+        fast = self._fast_entry(int(node.inum), name)
+        if fast is not None:
+            if fast.is_symlink:
+                fast.target = node.link
+            return fast
         ino = node.inode
         return _inode_entry(
             node,
@@ -102,6 +108,52 @@ class ExtGuestFS(GuestFS):
             uid=int(ino.i_uid) | (int(ino.i_uid_high) << 16),
             gid=int(ino.i_gid) | (int(ino.i_gid_high) << 16),
             nlink=int(ino.i_links_count),
+        )
+
+    def _fast_entry(self, inum: int, name: str) -> GuestEntry | None:
+        """The fields of an inode that the tree shows, unpacked straight from its bytes.
+
+        Parsing the whole inode structure is most of the cost of listing a large folder; this reads only what is
+        shown. It gives the same values as dissect's parser (a test compares the two on every inode of the test
+        images) and returns ``None`` where it cannot tell, so that the parser is used instead.
+        """
+        fs = self.fs
+        try:
+            per_group = int(fs.sb.s_inodes_per_group)
+            inode_size = int(fs.sb.s_inode_size)
+            group, index = divmod(inum - 1, per_group)
+            gd = fs._read_group_desc(group)
+            table = int(gd.bg_inode_table_lo)
+            if fs._group_desc_struct.__name__ == "ext4_group_desc":
+                table |= int(gd.bg_inode_table_hi) << 32
+        except (AttributeError, ZeroDivisionError):
+            return None
+        fs.fh.seek(table * int(fs.block_size) + index * inode_size)
+        raw = fs.fh.read(min(inode_size, 160))
+        if len(raw) < 128:
+            raise ValueError(f"inode {inum} lies beyond the end of the volume")
+        mode, uid, size_lo, atime, ctime, mtime, _dtime, gid, nlink = _EXT_INODE.unpack_from(raw, 0)
+        (size_hi,) = struct.unpack_from("<I", raw, 108)
+        uid_hi, gid_hi = struct.unpack_from("<HH", raw, 120)
+        extra_isize = struct.unpack_from("<H", raw, 128)[0] if inode_size > 128 and len(raw) >= 130 else 0
+
+        def ns(seconds: int, extra_at: int) -> int:
+            extra = 0
+            if inode_size > 128 and extra_isize >= extra_at + 4 - 128 and len(raw) >= extra_at + 4:
+                extra = struct.unpack_from("<I", raw, extra_at)[0]
+            return ((seconds | (extra & 3) << 32) * 1_000_000_000) + (extra >> 2)
+
+        return GuestEntry(
+            name=name,
+            ino=inum,
+            mode=mode,
+            size=size_lo | size_hi << 32,
+            uid=uid | uid_hi << 16,
+            gid=gid | gid_hi << 16,
+            nlink=nlink,
+            mtime_ns=ns(mtime, 136),
+            atime_ns=ns(atime, 140),
+            ctime_ns=ns(ctime, 132),
         )
 
     def _root(self) -> GuestEntry:

@@ -32,6 +32,7 @@ class DiskImage:
         self._loaded: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self._next_sequential = -1  # where the last read ended: a read starting there is sequential
+        self._prefetched_to = -1  # the last chunk index handed to prefetch
         if -(-self.count // INDEX_PIECE_ENTRIES) != len(self.pieces):
             raise IntegrityError(
                 f"disk {self.name}: chunk list has {len(self.pieces)} pieces, expected "
@@ -81,8 +82,9 @@ class DiskImage:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        if offset == self._next_sequential:
+        if offset == self._next_sequential and last >= self._prefetched_to:
             self._prefetch(last + 1, PREFETCH_CHUNKS)
+            self._prefetched_to = last + PREFETCH_CHUNKS
         self._next_sequential = end
         parts = []
         for i in range(first, last + 1):
