@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -127,7 +128,9 @@ class Catalog:
         except sqlite3.Error as exc:
             raise VbfsError(f"cannot open the catalog {path}: {exc}") from None
         self.db = sqlite_utils.Database(conn)
-        with self.db.conn:
+        self.db.conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe; the catalog is derived anyway
+        self.db.conn.execute("PRAGMA cache_size=-65536")
+        with self._transaction():
             create_tables(self.db)
 
     def close(self) -> None:
@@ -135,40 +138,42 @@ class Catalog:
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (the connection is in autocommit mode otherwise)."""
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
     def add(self, manifest: dict[str, Any], files: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
-        """Index a snapshot, with its guest files as (path, type, size, mtime_ns, mode) rows."""
+        """Index a snapshot, with its guest files as (path, type, size, mtime_ns, mode) rows; all or nothing."""
         s = summary_of(manifest)
-        with self.db.conn:
-            self.db.table("snapshots").insert(
-                {
-                    "id": s["id"],
-                    "guest": s["guest"],
-                    "name": s["name"],
-                    "time": s["time"],
-                    "hypervisor": s["hypervisor"],
-                    "source": s["source"],
-                    "consistency": s["consistency"] or "",
-                    "size": sum(d["size"] for d in s["disks"]),
-                    "summary": json.dumps(s, sort_keys=True),
-                },
-                replace=True,
+        items = [(s["id"], "disk", d["name"], d["size"], d.get("mode") or "") for d in manifest["disks"]]
+        items += [(s["id"], "config", n, ref["size"], "") for n, ref in manifest.get("config", {}).items()]
+        with self._transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO snapshots (id, guest, name, time, hypervisor, source, consistency, size,"
+                " summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    s["id"],
+                    s["guest"],
+                    s["name"],
+                    s["time"],
+                    s["hypervisor"],
+                    s["source"],
+                    s["consistency"] or "",
+                    sum(d["size"] for d in s["disks"]),
+                    json.dumps(s, sort_keys=True),
+                ),
             )
-            rows = [
-                {
-                    "snapshot_id": s["id"],
-                    "kind": "disk",
-                    "name": d["name"],
-                    "size": d["size"],
-                    "mode": d.get("mode") or "",
-                }
-                for d in manifest["disks"]
-            ]
-            rows += [
-                {"snapshot_id": s["id"], "kind": "config", "name": n, "size": ref["size"], "mode": ""}
-                for n, ref in manifest.get("config", {}).items()
-            ]
-            if rows:
-                self.db.table("items").insert_all(rows, replace=True)
+            conn.executemany(
+                "INSERT OR REPLACE INTO items (snapshot_id, kind, name, size, mode) VALUES (?, ?, ?, ?, ?)", items
+            )
             self._add_files(s["id"], s["guest"], files)
 
     def _add_files(self, snap_id: str, guest: str, files: Iterable[tuple[str, str, int, int, int]]) -> None:
@@ -197,16 +202,16 @@ class Catalog:
         conn.execute("DELETE FROM new_files")
 
     def remove(self, snap_id: str) -> None:
-        with self.db.conn:
-            row = self.db.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()
+        with self._transaction() as conn:
+            row = conn.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()
             if row:
-                self.db.execute("DELETE FROM snapshot_files WHERE snap = ?", [row[0]])
-                self.db.execute(
+                conn.execute("DELETE FROM snapshot_files WHERE snap = ?", [row[0]])
+                conn.execute(
                     "DELETE FROM file_versions WHERE NOT EXISTS"
                     " (SELECT 1 FROM snapshot_files sf WHERE sf.version = file_versions.id)"
                 )
-            self.db.execute("DELETE FROM items WHERE snapshot_id = ?", [snap_id])
-            self.db.execute("DELETE FROM snapshots WHERE id = ?", [snap_id])
+            conn.execute("DELETE FROM items WHERE snapshot_id = ?", [snap_id])
+            conn.execute("DELETE FROM snapshots WHERE id = ?", [snap_id])
 
     def sync(self, repo: Repository) -> list[str]:
         """Bring the catalog in line with the manifests; return warnings about manifests that cannot be read."""
@@ -230,9 +235,9 @@ class Catalog:
         return warnings
 
     def rebuild(self, repo: Repository) -> list[str]:
-        with self.db.conn:
+        with self._transaction() as conn:
             for table in ("snapshot_files", "file_versions", "items", "snapshots"):
-                self.db.execute(f"DELETE FROM {table}")
+                conn.execute(f"DELETE FROM {table}")
         return self.sync(repo)
 
     # ---- reading ----------------------------------------------------------------------------------------------
