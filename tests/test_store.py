@@ -119,9 +119,14 @@ def test_fast_ext4_inode_reader_agrees_with_dissect(tmp_path: Path) -> None:
                     continue
                 fast = fs._fast_entry(int(n.inum), n.filename)
                 ino = n.inode
-                slow = _inode_entry(n, n.filename, mode=int(ino.i_mode),
-                                    uid=int(ino.i_uid) | int(ino.i_uid_high) << 16,
-                                    gid=int(ino.i_gid) | int(ino.i_gid_high) << 16, nlink=int(ino.i_links_count))
+                slow = _inode_entry(
+                    n,
+                    n.filename,
+                    mode=int(ino.i_mode),
+                    uid=int(ino.i_uid) | int(ino.i_uid_high) << 16,
+                    gid=int(ino.i_gid) | int(ino.i_gid_high) << 16,
+                    nlink=int(ino.i_links_count),
+                )
                 assert fast is not None
                 fast.target = slow.target
                 assert fast == slow, n.filename

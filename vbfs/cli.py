@@ -22,9 +22,7 @@ import click
 
 from vbfs import __version__
 from vbfs.catalog import Catalog
-from vbfs.engine.backup import BackupRun, NoProgress, Progress
-from vbfs.engine.check import check as run_check
-from vbfs.engine.restore import restore as run_restore
+from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import SourceError, VbfsError
 from vbfs.plugins import default_manager, registry
 from vbfs.sources import SourceURL
@@ -235,6 +233,8 @@ def backup(obj: Ctx, source: str, guest: str | None, no_index: bool, json_out: b
         if not name:
             raise SourceError(f"{source} names no guest: give --guest")
         with repo.lock_shared(), obj.catalog(repo) as cat:
+            from vbfs.engine.backup import BackupRun
+
             run = BackupRun(repo, cat, default_manager(), progress_for(json_out), index_files=not no_index)
             manifest = run.run(hv, name, source)
     finally:
@@ -357,6 +357,8 @@ def restore(obj: Ctx, spec: str, target: Path) -> None:
     repo = obj.open_repo()
     snap, path = _resolve(obj, repo, spec)
     node = walk_path(snap, path)
+    from vbfs.engine.restore import restore as run_restore
+
     with repo.lock_shared():
         stats = run_restore(node, target, progress_for(False))
     click.echo(f"restored {stats.files} file(s), {human(stats.bytes)} read")
@@ -368,6 +370,8 @@ def restore(obj: Ctx, spec: str, target: Path) -> None:
 @click.pass_obj
 def check(obj: Ctx, verify_data: bool, json_out: bool) -> None:
     """Check that every snapshot is whole; with --verify-data, that every chunk is intact."""
+    from vbfs.engine.check import check as run_check
+
     repo = obj.open_repo()
     with repo.lock_shared():
         report = run_check(repo, verify_data, progress_for(json_out))

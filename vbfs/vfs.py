@@ -60,6 +60,7 @@ class Attr:
 
 
 class Node:
+    __slots__ = ()
     name: str
     attr: Attr
     key: Hashable
@@ -74,6 +75,8 @@ class Node:
 
 
 class Dir(Node):
+    __slots__ = ()
+
     def children(self) -> list[Node]:
         raise NotImplementedError
 
@@ -101,11 +104,17 @@ class MappedDir(Dir):
 
 
 class File(Node):
+    __slots__ = ()
+
     def read(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
     def data_extents(self) -> Iterator[tuple[int, int]] | None:
         """Ranges that may hold non-zero bytes, for sparse copies; ``None`` if unknown."""
+        return None
+
+    def read_if_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes when they can be had from memory without blocking; ``None`` means: call ``read``."""
         return None
 
 
@@ -149,6 +158,9 @@ class DiskFile(File):
 
     def read(self, offset: int, length: int) -> bytes:
         return self.image.read(offset, length)
+
+    def read_if_cached(self, offset: int, length: int) -> bytes | None:
+        return self.image.read_if_cached(offset, length)
 
     def data_extents(self) -> Iterator[tuple[int, int]]:
         for i, cid in self.image.entries():
@@ -239,14 +251,21 @@ class GuestDirNode(MappedDir):
 
 
 class GuestFileNode(File):
+    """A guest's file. Small on purpose: a mount may hold one for every file of a large guest."""
+
     from_guest = True
+    __slots__ = ("_where", "entry", "fs", "key", "name")
 
     def __init__(self, fs: GuestFS, entry: GuestEntry, key: Hashable):
         self.fs = fs
         self.entry = entry
         self.name = entry.name
         self.key = key
-        self.attr = _guest_attr(entry)
+        self._where: str | None = None
+
+    @property
+    def attr(self) -> Attr:  # type: ignore[override]
+        return _guest_attr(self.entry)
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.attr.size:

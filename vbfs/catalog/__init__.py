@@ -17,11 +17,12 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
-
-import sqlite_utils
+from typing import TYPE_CHECKING, Any
 
 from vbfs.errors import SnapshotNotFound, VbfsError
+
+if TYPE_CHECKING:
+    import sqlite_utils
 from vbfs.store.repository import Repository
 
 SCHEMA_VERSION = 1
@@ -127,21 +128,24 @@ class Catalog:
             conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.Error as exc:
             raise VbfsError(f"cannot open the catalog {path}: {exc}") from None
-        self.db = sqlite_utils.Database(conn)
-        self.db.conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe; the catalog is derived anyway
-        self.db.conn.execute("PRAGMA cache_size=-65536")
-        with self._transaction():
-            create_tables(self.db)
+        self.conn = conn
+        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe; the catalog is derived anyway
+        conn.execute("PRAGMA cache_size=-65536")
+        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+            import sqlite_utils
+
+            with self._transaction():
+                create_tables(sqlite_utils.Database(conn))
 
     def close(self) -> None:
-        self.db.conn.close()
+        self.conn.close()
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction (the connection is in autocommit mode otherwise)."""
-        conn = self.db.conn
+        conn = self.conn
         conn.execute("BEGIN IMMEDIATE")
         try:
             yield conn
@@ -177,7 +181,7 @@ class Catalog:
             self._add_files(s["id"], s["guest"], files)
 
     def _add_files(self, snap_id: str, guest: str, files: Iterable[tuple[str, str, int, int, int]]) -> None:
-        conn = self.db.conn
+        conn = self.conn
         snap = conn.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()[0]
         conn.execute(
             "CREATE TEMP TABLE IF NOT EXISTS new_files (path TEXT, name TEXT, type TEXT, size INTEGER,"
@@ -216,7 +220,7 @@ class Catalog:
     def sync(self, repo: Repository) -> list[str]:
         """Bring the catalog in line with the manifests; return warnings about manifests that cannot be read."""
         on_repo = set(repo.snapshot_ids())
-        known = {r[0] for r in self.db.execute("SELECT id FROM snapshots").fetchall()}
+        known = {r[0] for r in self.conn.execute("SELECT id FROM snapshots").fetchall()}
         warnings = []
         for snap_id in sorted(known - on_repo):
             self.remove(snap_id)
@@ -249,19 +253,20 @@ class Catalog:
             sql += " WHERE guest = ?"
             args.append(guest)
         sql += " ORDER BY guest, time, id"
-        return [json.loads(r[0]) for r in self.db.execute(sql, args).fetchall()]
+        return [json.loads(r[0]) for r in self.conn.execute(sql, args).fetchall()]
 
     def guests(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.db.query("SELECT * FROM guests ORDER BY name")]
+        cur = self.conn.execute("SELECT name, snapshots, first, latest FROM guests ORDER BY name")
+        return [dict(zip(("name", "snapshots", "first", "latest"), row, strict=True)) for row in cur.fetchall()]
 
     def latest(self, guest: str) -> dict[str, Any] | None:
-        row = self.db.execute(
+        row = self.conn.execute(
             "SELECT summary FROM snapshots WHERE guest = ? ORDER BY time DESC, id DESC LIMIT 1", [guest]
         ).fetchone()
         return json.loads(row[0]) if row else None
 
     def by_name(self, guest: str, name: str) -> dict[str, Any] | None:
-        row = self.db.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone()
+        row = self.conn.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone()
         return json.loads(row[0]) if row else None
 
     def find(self, pattern: str, guest: str | None = None) -> list[dict[str, Any]]:
@@ -274,16 +279,22 @@ class Catalog:
         if guest is not None:
             where += " AND v.guest = ?"
             args.append(guest)
-        rows = self.db.execute(
-            "SELECT v.id, v.guest, v.path, v.type, v.size, v.mtime_ns, v.mode, s.name, s.id, s.time"
-            " FROM file_versions v JOIN snapshot_files sf ON sf.version = v.id"
-            f" JOIN snapshots s ON s.rowid = sf.snap WHERE {where} ORDER BY v.guest, v.path, s.time",
+        snaps = {
+            rowid: {"name": name, "id": sid, "time": stime}
+            for rowid, name, sid, stime in self.conn.execute("SELECT rowid, name, id, time FROM snapshots")
+        }
+        # The matching versions first (by the name index), then their snapshots: a plain join with GROUP BY
+        # would let SQLite walk every version in id order instead.
+        rows = self.conn.execute(
+            f"WITH m AS MATERIALIZED (SELECT * FROM file_versions v WHERE {where})"
+            " SELECT m.guest, m.path, m.type, m.size, m.mtime_ns, m.mode, group_concat(sf.snap)"
+            " FROM m JOIN snapshot_files sf ON sf.version = m.id GROUP BY m.id",
             args,
         ).fetchall()
-        out: dict[int, dict[str, Any]] = {}
-        for vid, g, path, typ, size, mtime, mode, sname, sid, stime in rows:
-            entry = out.setdefault(
-                vid,
+        out = []
+        for g, path, typ, size, mtime, mode, snap_list in rows:
+            held = sorted((snaps[int(r)] for r in snap_list.split(",")), key=lambda x: x["time"])
+            out.append(
                 {
                     "guest": g,
                     "path": "/files/" + path,
@@ -291,15 +302,14 @@ class Catalog:
                     "size": size,
                     "mtime_ns": mtime,
                     "mode": mode,
-                    "snapshots": [],
-                },
+                    "snapshots": held,
+                }
             )
-            entry["snapshots"].append({"name": sname, "id": sid, "time": stime})
-        return sorted(out.values(), key=lambda e: (e["guest"], e["path"], e["snapshots"][0]["time"]))
+        return sorted(out, key=lambda e: (e["guest"], e["path"], e["snapshots"][0]["time"]))
 
     def files_of(self, snap_id: str) -> dict[str, tuple[str, int, int, int]]:
         """path → (type, size, mtime_ns, mode) of every indexed guest file of a snapshot."""
-        rows = self.db.execute(
+        rows = self.conn.execute(
             "SELECT v.path, v.type, v.size, v.mtime_ns, v.mode FROM snapshots s"
             " JOIN snapshot_files sf ON sf.snap = s.rowid JOIN file_versions v ON v.id = sf.version WHERE s.id = ?",
             [snap_id],
@@ -307,24 +317,24 @@ class Catalog:
         return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
 
     def name_taken(self, guest: str, name: str) -> bool:
-        return bool(self.db.execute("SELECT 1 FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone())
+        return bool(self.conn.execute("SELECT 1 FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone())
 
     def resolve(self, spec: str) -> dict[str, Any]:
         """``GUEST@latest``, ``GUEST@<id prefix>``, ``GUEST@<snapshot name>`` or ``GUEST@<time>``."""
         guest, sep, which = spec.partition("@")
         if not sep or not guest or not which:
             raise SnapshotNotFound(f"bad snapshot spec {spec!r} (expected GUEST@latest, GUEST@<id> or GUEST@<time>)")
-        if not self.db.execute("SELECT 1 FROM snapshots WHERE guest = ?", [guest]).fetchone():
+        if not self.conn.execute("SELECT 1 FROM snapshots WHERE guest = ?", [guest]).fetchone():
             raise SnapshotNotFound(f"no snapshots of guest {guest!r} in this repository")
         if which == "latest":
             found = self.latest(guest)
             assert found is not None
             return found
-        row = self.db.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, which]).fetchone()
+        row = self.conn.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, which]).fetchone()
         if row:
             return dict(json.loads(row[0]))
         if re.fullmatch(r"[0-9a-f]{4,64}", which):
-            rows = self.db.execute(
+            rows = self.conn.execute(
                 "SELECT summary FROM snapshots WHERE guest = ? AND id LIKE ? ORDER BY time",
                 [guest, which + "%"],
             ).fetchall()
@@ -335,7 +345,7 @@ class Catalog:
         when = parse_time(which)
         if when is None:
             raise SnapshotNotFound(f"no snapshot {which!r} of guest {guest!r}")
-        row = self.db.execute(
+        row = self.conn.execute(
             "SELECT summary FROM snapshots WHERE guest = ? AND time <= ? ORDER BY time DESC LIMIT 1",
             [guest, format_time(when)],
         ).fetchone()

@@ -23,13 +23,14 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import pluggy
 
 from vbfs import __version__
 from vbfs.catalog import Catalog, format_time, snapshot_name, summary_of
 from vbfs.engine.fileindex import index_snapshot
+from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import SourceError, VbfsError
 from vbfs.failpoints import failpoint
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
@@ -40,25 +41,6 @@ from vbfs.vfs import SnapshotTree
 
 MAX_IN_FLIGHT = 8
 _NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
-
-
-class Progress(Protocol):
-    def begin(self, label: str, total: int) -> None: ...
-
-    def advance(self, n: int) -> None: ...
-
-    def end(self) -> None: ...
-
-
-class NoProgress:
-    def begin(self, label: str, total: int) -> None:
-        pass
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def end(self) -> None:
-        pass
 
 
 @dataclass

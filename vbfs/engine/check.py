@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from vbfs.engine.backup import NoProgress, Progress
+from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import VbfsError
 from vbfs.store.backend import LocalBackend
 from vbfs.store.codec import ID_SIZE, ChunkId

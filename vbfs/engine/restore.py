@@ -14,7 +14,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vbfs.engine.backup import NoProgress, Progress
+from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import VbfsError
 from vbfs.vfs import Dir, File, Node, Symlink
 

@@ -174,6 +174,12 @@ class VbfsOperations(pyfuse3.Operations):
         node = self._open.get(fh)
         if not isinstance(node, File):
             raise pyfuse3.FUSEError(errno.EBADF)
+        try:  # served from memory on this thread when no I/O is needed (most reads of a sequential copy)
+            data = node.read_if_cached(off, size)
+        except Exception as exc:
+            raise self._fail(exc, f"read {node.where}") from None
+        if data is not None:
+            return data
         return await self._call(f"read {node.where}", node.read, off, size)
 
     async def release(self, fh: int) -> None:

@@ -19,7 +19,7 @@ class GuestDataError(VbfsError):
     exit_code = 3
 
 
-@dataclass
+@dataclass(slots=True)
 class GuestEntry:
     """One file, folder or symlink of a guest filesystem, as the guest has it."""
 

@@ -58,6 +58,14 @@ class ChunkCache:
             with self._lock:
                 self._prefetching.discard(cid)
 
+    def peek(self, cid: ChunkId) -> bytes | None:
+        """The chunk if it is cached, without fetching it (never blocks on I/O)."""
+        with self._lock:
+            data = self._data.get(cid)
+            if data is not None:
+                self._data.move_to_end(cid)
+            return data
+
     def get(self, cid: ChunkId) -> bytes:
         with self._lock:
             data = self._data.get(cid)

@@ -77,29 +77,58 @@ class DiskImage:
         return data
 
     def read(self, offset: int, length: int) -> bytes:
+        data = self._read(offset, length, cached_only=False)
+        assert data is not None
+        return data
+
+    def read_if_cached(self, offset: int, length: int) -> bytes | None:
+        """The bytes if every chunk they need is cached (or all zeros); ``None`` instead of any I/O.
+
+        The chunk list piece must be loaded already too: this never reads from the repository.
+        """
+        if (offset // self.chunk_size) // INDEX_PIECE_ENTRIES not in self._loaded:
+            return None
+        return self._read(offset, length, cached_only=True)
+
+    def _read(self, offset: int, length: int, cached_only: bool) -> bytes | None:
         end = min(self.size, offset + length)
         if offset >= end:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
+        if cached_only and (last // INDEX_PIECE_ENTRIES) not in self._loaded:
+            return None
         if offset == self._next_sequential and last >= self._prefetched_to:
             self._prefetch(last + 1, PREFETCH_CHUNKS)
             self._prefetched_to = last + PREFETCH_CHUNKS
-        self._next_sequential = end
         parts = []
         for i in range(first, last + 1):
             lo = max(offset - i * cs, 0)
             hi = min(end - i * cs, cs)
-            if self.entry(i) == ZERO_ID:
+            cid = self.entry(i)
+            if cid == ZERO_ID:
                 parts.append(bytes(hi - lo))
                 continue
-            data = self.read_chunk(i)
+            if cached_only:
+                cached = self.cache.peek(cid)
+                if cached is None:
+                    return None
+                data = cached
+            else:
+                data = self.read_chunk(i)
+            if len(data) != self.chunk_length(i):
+                raise IntegrityError(
+                    f"disk {self.name}: chunk {i} has {len(data)} bytes, expected {self.chunk_length(i)}"
+                )
             parts.append(data[lo:hi] if (lo, hi) != (0, len(data)) else data)
+        self._next_sequential = end
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _prefetch(self, start: int, count: int) -> None:
         cids = []
         for i in range(start, min(start + count, self.count)):
+            if (i // INDEX_PIECE_ENTRIES) not in self._loaded:
+                break
             cid = self.entry(i)
             if cid != ZERO_ID:
                 cids.append(cid)
