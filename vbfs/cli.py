@@ -11,9 +11,10 @@ import json
 import os
 import stat
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn
@@ -458,21 +459,34 @@ def diff(obj: Ctx, older: str, newer: str, json_out: bool) -> None:
         click.echo(f"{mark[c['change']]} {c['path']}")
 
 
+def _preload_mount_modules() -> None:
+    """What every mount needs, and the parsers of the commonest guests (ext4, MBR/GPT); others load on use."""
+    import importlib
+
+    for name in ("pyfuse3", "trio", "vbfs.fuse.mount", "dissect.volume.disk", "dissect.extfs"):
+        with suppress(ImportError):
+            importlib.import_module(name)
+
+
 @cli.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @click.option("--foreground", is_flag=True, help="Stay in the foreground (logs to stderr).")
-@click.option("--cache-size", type=int, default=48, show_default=True, help="Chunk cache in MiB.")
+@click.option("--cache-size", type=int, default=32, show_default=True, help="Chunk cache in MiB.")
 @click.option("--debug", is_flag=True, help="Log every FUSE request (with --foreground).")
 @click.pass_obj
 def mount(obj: Ctx, mountpoint: Path, foreground: bool, cache_size: int, debug: bool) -> None:
     """Mount the repository read-only at MOUNTPOINT: guests, snapshots, disks and the guests' own files."""
     import logging
-    import threading
 
     from vbfs.fuse.mount import check_mountpoint, serve, serve_in_background
 
     check_mountpoint(mountpoint)
+    # The FUSE libraries and the guest filesystem parsers load while the passphrase's key is derived (scrypt
+    # releases the GIL): the first `cp` from a fresh mount then waits for neither. Done before the fork.
+    preload = threading.Thread(target=_preload_mount_modules, daemon=True)
+    preload.start()
     repo = obj.open_repo()
+    preload.join()
     with obj.catalog(repo):
         pass  # brings the catalog up to date before the tree is served
 
