@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backup import PASS, build_image
@@ -298,7 +299,55 @@ def main() -> None:
     finally:
         fusermount_u(mnt)
     (work / "mount.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results, indent=2))
+    print(render(results))
+
+
+def render(r: dict[str, Any]) -> str:
+    out = []
+    if "one_file" in r:
+        o = r["one_file"]
+        out += [
+            f"One file back ({o['size'] / 1e6:.2f} MB, `{Path(o['file']).name}`), cold, mount + copy:",
+            "",
+            "| tool | wall time | ratio to borg | read from the repository | read / file size |",
+            "|---|---:|---:|---:|---:|",
+            f"| vbfs mount + cp | {o['vbfs_seconds']:.2f} s | {o['vbfs_seconds'] / o['borg_seconds']:.2f} | "
+            f"{o['vbfs_read_bytes'] / 1e6:.1f} MB | {o['vbfs_read_bytes'] / o['size']:.1f}x |",
+            f"| borg mount + loop mount + cp | {o['borg_seconds']:.2f} s | 1.00 | "
+            f"{o['borg_read_bytes'] / 1e6:.1f} MB | {o['borg_read_bytes'] / o['size']:.1f}x |",
+            "",
+        ]
+    if "sequential" in r:
+        q = r["sequential"]
+        out += [
+            "Reading the whole 4 GiB disk image through the mount, cold:",
+            "",
+            "| tool | wall time | MB/s | speed against borg |",
+            "|---|---:|---:|---:|",
+        ]
+        for tool in ("vbfs", "borg", "restic"):
+            out.append(
+                f"| {tool} mount | {q[tool]:.1f} s | {4 * GiB / q[tool] / 1e6:.0f} | {q['borg'] / q[tool]:.2f}x |"
+            )
+        out.append("")
+    if "memory" in r:
+        m = r["memory"]
+        out += [
+            f"vbfs mount with {m['snapshots']} snapshots: peak RSS {m['after_listing_mib']:.0f} MiB after "
+            f"listing every snapshot, {m['after_reading_mib']:.0f} MiB after reading 1 GB of a disk image and "
+            "3,000 guest files.",
+            "",
+        ]
+    if "find" in r:
+        f = r["find"]
+        out += [
+            f"`find` over 200 snapshots of a 100,000-file guest (catalog {f['db_mib']:.0f} MiB, built in "
+            f"{f['build_seconds']:.0f} s): exact name {f['exact_seconds'] * 1000:.1f} ms "
+            f"({f['exact_versions']} versions), prefix pattern {f['glob_seconds'] * 1000:.0f} ms "
+            f"({f['glob_versions']}), `*.conf` {f['glob_all_conf_seconds'] * 1000:.0f} ms "
+            f"({f['glob_all_conf_versions']} versions, each with the snapshots that hold it)."
+        ]
+    return "\n".join(out)
 
 
 if __name__ == "__main__":

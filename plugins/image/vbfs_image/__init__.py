@@ -14,6 +14,7 @@ images of running guests through their hypervisor's plugin instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -105,6 +106,8 @@ class ImageFile:
             if self.format == "raw":
                 self._fd = os.open(path, os.O_RDONLY)
                 self.size = os.fstat(self._fd).st_size
+                with contextlib.suppress(OSError):  # a larger readahead window for the sequential read
+                    os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
                 if self.size == 0 or self.size % SECTOR:
                     raise SourceError(
                         f"{path}: not a disk image (raw images are a whole number of 512-byte sectors, "
