@@ -134,3 +134,31 @@ def test_fast_ext4_inode_reader_agrees_with_dissect(tmp_path: Path) -> None:
                 if n.filetype == 0o040000:
                     todo.extend(n.iterdir())
         assert compared > 100
+
+
+def test_ext_listing_matches_dissect_walk(tmp_path: Path) -> None:
+    """Our checked directory parser lists exactly what dissect's walk lists, hash-tree folders included."""
+    from vbfs.guestfs.filesystems import ExtGuestFS
+    from vbfs.testing.images import ext4_file, write_tree
+
+    files = {f"big/entry-{i:05d}-{'x' * (i % 40)}": b"" for i in range(3000)}
+    files.update({"small/a": b"1", "small/b": b"2", "sub/dir/deep/file": b"3"})
+    tree = write_tree(tmp_path / "t", files)
+    os.symlink("../small/a", tree / "sub/link")
+    image = ext4_file(tmp_path / "fs.img", 64 * 1024 * 1024, tree)
+    with open(image, "rb") as fh:
+        fs = ExtGuestFS(fh, "test")
+        todo = [fs.root()]
+        folders = 0
+        while todo:
+            entry = todo.pop()
+            ours = sorted((e.name, e.ino) for e in fs.listdir(entry))
+            theirs = sorted(
+                (n.filename, n.inum) for n in fs.fs.get_inode(entry.ino).iterdir() if n.filename not in (".", "..")
+            )
+            assert ours == theirs
+            todo += [e for e in fs.listdir(entry) if e.is_dir]
+            folders += 1
+        assert folders >= 6
+        big = next(e for e in fs.listdir(fs.root()) if e.name == "big")
+        assert len(fs.listdir(big)) == 3000

@@ -41,11 +41,13 @@ _EXT_INODE = struct.Struct("<HHIIIIIHH")  # i_mode i_uid i_size_lo i_atime i_cti
 _DIRENT = struct.Struct("<IHBB")
 
 
-def check_ext_directory(data: bytes, block_size: int, inodes_count: int) -> None:
-    """Reject a directory whose blocks do not hold a valid chain of entries (the kernel's own checks).
+def parse_ext_directory(data: bytes, block_size: int, inodes_count: int) -> list[tuple[int, bytes]]:
+    """The (inode, name) entries of an ext2/3/4 directory's blocks, checked as the kernel checks them.
 
-    dissect skips entries it cannot make sense of; a damaged folder must be an error instead of a shorter listing.
+    dissect's own walk skips entries it cannot make sense of; a damaged folder must be an error instead of a
+    shorter listing. Hash-tree blocks hide inside entries that cover them, so they need no special case.
     """
+    out = []
     for base in range(0, len(data) - len(data) % block_size, block_size):
         off = 0
         while off < block_size:
@@ -56,9 +58,12 @@ def check_ext_directory(data: bytes, block_size: int, inodes_count: int) -> None
                 rec_len = 65536
             if rec_len < 12 or rec_len % 4 or off + rec_len > block_size:
                 raise ValueError(f"directory block {base // block_size}: bad entry length {rec_len} at {off}")
-            if ino and (name_len + 8 > rec_len or ino > inodes_count):
-                raise ValueError(f"directory block {base // block_size}: bad entry at {off}")
+            if ino:
+                if name_len + 8 > rec_len or ino > inodes_count or name_len == 0:
+                    raise ValueError(f"directory block {base // block_size}: bad entry at {off}")
+                out.append((ino, data[base + off + 8 : base + off + 8 + name_len]))
             off += rec_len
+    return out
 
 
 def _ts(value: Any) -> int:
@@ -164,9 +169,22 @@ class ExtGuestFS(GuestFS):
 
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
         node = self._resolve(entry)
-        if not int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:
-            check_ext_directory(node.open().read(), int(self.fs.block_size), int(self.fs.sb.s_inodes_count))
-        return [self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", "..")]
+        if int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:  # small folders kept inside the inode: dissect's walk
+            return [self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", "..")]
+        raw = parse_ext_directory(node.open().read(), int(self.fs.block_size), int(self.fs.sb.s_inodes_count))
+        out = []
+        for ino, name in raw:
+            if name in (b".", b".."):
+                continue
+            text = name.decode(errors="surrogateescape")
+            fast = self._fast_entry(ino, text)
+            if fast is None:
+                out.append(self._entry(self.fs.get_inode(ino), text))
+                continue
+            if fast.is_symlink:
+                fast.target = self.fs.get_inode(ino).link
+            out.append(fast)
+        return out
 
 
 class XfsGuestFS(GuestFS):
