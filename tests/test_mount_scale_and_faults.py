@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -174,3 +175,27 @@ def test_filesystem_without_partition_table_and_new_snapshots_appear(
         time.sleep(0.1)
     assert "second" in os.listdir(m.path)
     assert (m.path / "second/latest/files/second/whole/data/readme.txt").exists()
+
+
+def test_guest_special_files_are_names_not_host_devices(
+    vbfs: Vbfs, tmp_path: Path, mounted: Callable[[Vbfs], Mount]
+) -> None:
+    tree = write_tree(tmp_path / "tree", {"usr/bin/su": b"#!/bin/sh\n", "etc/hostname": "x\n"})
+    os.chmod(tree / "usr/bin/su", 0o4755)
+    os.mkfifo(tree / "run-fifo")
+    image = gpt_ext4(tmp_path / "dev.raw", 16 * MiB, tree)
+    vbfs("backup", f"image://{image}")
+    m = mounted(vbfs)
+    mounts = Path("/proc/mounts").read_text().splitlines()
+    options = next(line.split()[3] for line in mounts if line.split()[1] == str(m.path))
+    assert {"ro", "nodev", "nosuid"} <= set(options.split(","))
+    p1 = m.path / "dev/latest/files/dev/p1"
+    assert stat.S_ISFIFO(os.lstat(p1 / "run-fifo").st_mode)
+    assert os.stat(p1 / "usr/bin/su").st_mode & 0o4000
+    out = tmp_path / "restored"
+    done = vbfs("restore", "dev@latest:/files/dev/p1", str(out))
+    assert "skipped 1 device node(s), fifo(s) or socket(s)" in done.stderr
+    assert not (out / "run-fifo").exists() and (out / "etc/hostname").read_text() == "x\n"
+    assert os.stat(out / "usr/bin/su").st_mode & 0o7777 == 0o4755
+    # the mount holds a shared lock for as long as it runs
+    assert any(p.name.startswith("shared-") for p in (vbfs.repo / "locks").iterdir())

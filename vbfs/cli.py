@@ -13,7 +13,7 @@ import stat
 import sys
 import threading
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
 from pathlib import Path
@@ -363,6 +363,12 @@ def restore(obj: Ctx, spec: str, target: Path) -> None:
     with repo.lock_shared():
         stats = run_restore(node, target, progress_for(False))
     click.echo(f"restored {stats.files} file(s), {human(stats.bytes)} read")
+    if stats.skipped:
+        click.echo(
+            f"vbfs: note: skipped {len(stats.skipped)} device node(s), fifo(s) or socket(s) of the guest, "
+            f"e.g. {stats.skipped[0]}",
+            err=True,
+        )
 
 
 @cli.command()
@@ -501,16 +507,21 @@ def mount(obj: Ctx, mountpoint: Path, foreground: bool, cache_size: int, debug: 
 
         return RepositoryTree(repo, catalog, ChunkCache(repo.get_chunk, cache_size * 1024 * 1024)).root
 
+    def run(on_ready: Callable[[], None] | None = None) -> None:
+        # A mount holds a shared lock, like a backup: pruning cannot delete chunks under it.
+        with repo.lock_shared():
+            serve(make_root(), mountpoint, on_ready, debug=debug)
+
     if foreground:
         logging.basicConfig(
             level=logging.DEBUG if debug else logging.INFO,
             stream=sys.stderr,
             format="%(asctime)s %(levelname)s %(message)s",
         )
-        serve(make_root(), mountpoint, debug=debug)
+        run()
         return
     log_file = repo.catalog_path().parent / "mount.log"
-    pid = serve_in_background(make_root, mountpoint, log_file)
+    pid = serve_in_background(run, log_file)
     click.echo(f"mounted {repo.location} at {mountpoint} (process {pid}, log {log_file})")
 
 

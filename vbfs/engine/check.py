@@ -70,6 +70,8 @@ def check(repo: Repository, verify_data: bool = False, progress: Progress | None
             _check_disk(repo, label, d, need, report)
         for cname, ref in m.get("config", {}).items():
             _check_stream(repo, label, "config", cname, ref, need, report)
+        if m.get("files_index"):
+            _check_stream(repo, label, "file index", "", m["files_index"], need, report)
 
     report.chunks_referenced = len(uses)
     if verify_data:

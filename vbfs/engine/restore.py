@@ -9,6 +9,7 @@ root — owner; symlinks are recreated as symlinks (never followed) and hard lin
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ class RestoreStats:
     files: int = 0
     bytes: int = 0
     links: dict[object, Path] = field(default_factory=dict)  # hard-link key → first restored path
+    skipped: list[str] = field(default_factory=list)  # device nodes, fifos and sockets of the guest
 
 
 def _extents(node: File) -> list[tuple[int, int]]:
@@ -145,6 +147,8 @@ def _restore(node: Node, target: Path, progress: Progress, stats: RestoreStats) 
         os.symlink(node.target, target)
         _set_owner(target, node)
         os.utime(target, ns=(node.attr.mtime_ns, node.attr.mtime_ns), follow_symlinks=False)
+    elif isinstance(node, File) and not stat.S_ISREG(node.attr.mode):
+        stats.skipped.append(str(target))  # a guest's device node or fifo is no file to restore on this host
     elif isinstance(node, File):
         if not target.parent.is_dir():
             raise VbfsError(f"cannot restore to {target}: {target.parent} is not a folder")

@@ -72,7 +72,9 @@ def serve(root: Node, mountpoint: Path, on_ready: Callable[[], None] | None = No
     ops = VbfsOperations(root)
     options = set(pyfuse3.default_options)
     options.discard("default_permissions")
-    options |= {"fsname=vbfs", "subtype=vbfs", "ro", "default_permissions"}
+    # Guests have device nodes and setuid programs: in the mount they are only names, never the host's devices
+    # (nodev) and never privileges (nosuid).
+    options |= {"fsname=vbfs", "subtype=vbfs", "ro", "default_permissions", "nodev", "nosuid"}
     if debug:
         options.add("debug")
     try:
@@ -95,8 +97,9 @@ def serve(root: Node, mountpoint: Path, on_ready: Callable[[], None] | None = No
         log.info("unmounted %s", mountpoint)
 
 
-def serve_in_background(make_root: Callable[[], Node], mountpoint: Path, log_file: Path) -> int:
-    """Fork; the child mounts and serves. Returns the child's pid once the mount is up, raises if it failed."""
+def serve_in_background(run: Callable[[Callable[[], None]], None], log_file: Path) -> int:
+    """Fork; the child calls ``run(on_ready)``, which mounts and serves. Returns the child's pid once the mount is
+    up (``on_ready`` was called), raises with the child's message if it failed."""
     read_fd, write_fd = os.pipe()
     pid = os.fork()
     if pid:
@@ -126,7 +129,7 @@ def serve_in_background(make_root: Callable[[], Node], mountpoint: Path, log_fil
             os.write(write_fd, b"ok")
             os.close(write_fd)
 
-        serve(make_root(), mountpoint, ready)
+        run(ready)
     except VbfsError as exc:
         _tell(write_fd, str(exc))
         code = 2
