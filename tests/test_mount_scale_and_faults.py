@@ -199,3 +199,30 @@ def test_guest_special_files_are_names_not_host_devices(
     assert os.stat(out / "usr/bin/su").st_mode & 0o7777 == 0o4755
     # the mount holds a shared lock for as long as it runs
     assert any(p.name.startswith("shared-") for p in (vbfs.repo / "locks").iterdir())
+
+
+def test_a_repository_on_read_only_storage_can_be_restored_from_and_mounted(
+    vbfs: Vbfs, tmp_path: Path, mounted: Callable[[Vbfs], Mount]
+) -> None:
+    """The backup disk mounted read-only at 3 a.m.: everything that reads works, backing up says why it cannot."""
+    tree = write_tree(tmp_path / "tree", {"etc/hostname": "ro\n"})
+    image = gpt_ext4(tmp_path / "web01.raw", 16 * MiB, tree)
+    vbfs("backup", f"image://{image}")
+    ro = tmp_path / "ro-repo"
+    ro.mkdir()
+    subprocess.run(["mount", "--bind", str(vbfs.repo), str(ro)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(ro)], check=True)
+        reader = Vbfs(ro, dict(vbfs.env, VBFS_REPO=str(ro)))
+        listed = reader("snapshots", "--json")
+        assert "read-only storage" in listed.stderr and len(json.loads(listed.stdout)) == 1
+        reader("restore", "web01@latest:/files/web01/p1/etc/hostname", str(tmp_path))
+        assert (tmp_path / "hostname").read_text() == "ro\n"
+        assert json.loads(reader("check", "--verify-data", "--json").stdout)["ok"]
+        m = mounted(reader)
+        assert (m.path / "web01/latest/files/web01/p1/etc/hostname").read_text() == "ro\n"
+        refused = reader("backup", f"image://{image}", check=False)
+        assert refused.returncode == 2 and "read-only storage" in refused.stderr.splitlines()[-1]
+        reader("umount", str(m.path))
+    finally:
+        subprocess.run(["umount", "-l", str(ro)], check=False)

@@ -109,7 +109,14 @@ class Ctx:
         return self.repo_location
 
     def open_repo(self) -> Repository:
-        return Repository.open(self.location(), passphrase_provider)
+        repo = Repository.open(self.location(), passphrase_provider)
+        if repo.read_only:
+            click.echo(
+                f"vbfs: note: {repo.location} is on read-only storage: reading without a lock, "
+                f"catalog in {repo.catalog_path().parent}",
+                err=True,
+            )
+        return repo
 
     @contextmanager
     def catalog(self, repo: Repository) -> Iterator[Catalog]:
@@ -233,6 +240,7 @@ def backup(obj: Ctx, source: str, guest: str | None, no_index: bool, json_out: b
         name = guest or hv.default_guest()
         if not name:
             raise SourceError(f"{source} names no guest: give --guest")
+        repo.require_writable()
         with repo.lock_shared(), obj.catalog(repo) as cat:
             from vbfs.engine.backup import BackupRun
 

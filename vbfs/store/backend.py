@@ -44,6 +44,8 @@ class Backend(Protocol):
 
     def describe(self) -> str: ...
 
+    def writable(self) -> bool: ...
+
 
 def _storage_error(exc: OSError, what: str) -> VbfsError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -65,6 +67,15 @@ class LocalBackend:
 
     def describe(self) -> str:
         return str(self.root)
+
+    def writable(self) -> bool:
+        """False on read-only storage (a read-only mount, a write-protected share, no write permission)."""
+        try:
+            if os.statvfs(self.root).f_flag & os.ST_RDONLY:
+                return False
+        except OSError:
+            return False
+        return os.access(self.root, os.W_OK)
 
     def _path(self, name: str) -> Path:
         if name.startswith("/") or ".." in name.split("/"):

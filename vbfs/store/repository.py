@@ -23,7 +23,7 @@ import os
 import struct
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -164,14 +164,26 @@ class Repository:
     def encrypted(self) -> bool:
         return self.codec.encrypted
 
+    @property
+    def read_only(self) -> bool:
+        """The repository's storage cannot be written: it can be read, restored from and mounted, not backed up to."""
+        return not self.backend.writable()
+
+    def require_writable(self) -> None:
+        if self.read_only:
+            raise VbfsError(f"the repository at {self.location} is on read-only storage: it can be read, not written")
+
     def catalog_path(self) -> Path:
-        """Beside the data for a plaintext repository; in the user's cache for an encrypted one."""
-        if not self.encrypted:
+        """Beside the data for a plaintext repository; in the user's cache for an encrypted or read-only one."""
+        if not self.encrypted and not self.read_only:
             return Path(self.location) / "catalog.sqlite"
         cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
         return cache / "vbfs" / self.id / "catalog.sqlite"
 
-    def lock_shared(self, timeout: float = 60.0) -> AbstractContextManager[RepositoryLock]:
+    def lock_shared(self, timeout: float = 60.0) -> AbstractContextManager[RepositoryLock | None]:
+        """A shared lock; on read-only storage none can be written, and nothing can delete data there either."""
+        if self.read_only:
+            return nullcontext()
         return locked(self.backend, SHARED, timeout)
 
     def lock_exclusive(self, timeout: float = 0.0) -> AbstractContextManager[RepositoryLock]:
