@@ -22,6 +22,7 @@ from vbfs.vfs import Dir, File, Node, Symlink
 WINDOW = 8
 PIECE = 4 * 1024 * 1024
 SPARSE_BLOCK = 64 * 1024
+BIG_FILE = 32 * 1024 * 1024  # from this size on: parallel reads, a progress bar, an fsync of its own
 
 
 @dataclass
@@ -39,43 +40,63 @@ def _extents(node: File) -> list[tuple[int, int]]:
     return [(off, min(PIECE, node.attr.size - off)) for off in range(0, node.attr.size, PIECE)]
 
 
+def _copy_sequential(node: File, extents: list[tuple[int, int]], fd: int, stats: RestoreStats) -> None:
+    for off, n in extents:
+        data = node.read(off, n)
+        _write_sparse(fd, data, off)
+        stats.bytes += len(data)
+
+
+def _copy_parallel(
+    node: File, extents: list[tuple[int, int]], fd: int, stats: RestoreStats, progress: Progress
+) -> None:
+    """Large files: up to ``WINDOW`` pieces read (fetched, verified, decompressed) at once, written in order."""
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="vbfs-restore") as pool:
+        window: deque[tuple[int, Future[bytes]]] = deque()
+        it = iter(extents)
+
+        def fill() -> None:
+            while len(window) < WINDOW:
+                nxt = next(it, None)
+                if nxt is None:
+                    return
+                window.append((nxt[0], pool.submit(node.read, nxt[0], nxt[1])))
+
+        fill()
+        while window:
+            off, fut = window.popleft()
+            data = fut.result()
+            _write_sparse(fd, data, off)
+            stats.bytes += len(data)
+            progress.advance(len(data))
+            fill()
+
+
 def restore_file(node: File, target: Path, progress: Progress, stats: RestoreStats) -> None:
     tmp = target.with_name(f".{target.name}.vbfs-partial")
     extents = _extents(node)
-    progress.begin(node.name, sum(n for _, n in extents))
+    big = node.attr.size >= BIG_FILE
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     except OSError as exc:
         raise VbfsError(f"cannot write {target}: {exc.strerror}") from None
     ok = False
     try:
-        with ThreadPoolExecutor(max_workers=4, thread_name_prefix="vbfs-restore") as pool:
-            window: deque[tuple[int, Future[bytes]]] = deque()
-            it = iter(extents)
-
-            def fill() -> None:
-                while len(window) < WINDOW:
-                    nxt = next(it, None)
-                    if nxt is None:
-                        return
-                    window.append((nxt[0], pool.submit(node.read, nxt[0], nxt[1])))
-
-            fill()
-            while window:
-                off, fut = window.popleft()
-                data = fut.result()
-                _write_sparse(fd, data, off)
-                stats.bytes += len(data)
-                progress.advance(len(data))
-                fill()
+        if big:
+            progress.begin(node.name, sum(n for _, n in extents))
+            _copy_parallel(node, extents, fd, stats, progress)
+        else:
+            _copy_sequential(node, extents, fd, stats)
         os.ftruncate(fd, node.attr.size)
-        os.fsync(fd)
+        if big:
+            os.fsync(fd)  # small files are synced together at the end of the restore
         ok = True
     except OSError as exc:
         raise VbfsError(f"cannot write {target}: {exc.strerror}") from None
     finally:
         os.close(fd)
-        progress.end()
+        if big:
+            progress.end()
         if not ok:
             tmp.unlink(missing_ok=True)
     mode = node.attr.mode & 0o7777
@@ -120,6 +141,7 @@ def restore(node: Node, target: Path, progress: Progress | None = None) -> Resto
     if target.exists() and not target.is_dir() and not target.is_file():
         raise VbfsError(f"{target} exists and is not a regular file; restore to a file or a folder")
     _restore(node, target, progress, stats)
+    os.sync()  # everything restored is on disk when the command returns
     return stats
 
 
