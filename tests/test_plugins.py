@@ -18,6 +18,8 @@ def test_image_plugin_comes_from_the_entry_point(vbfs: Vbfs) -> None:
     rows = json.loads(vbfs("plugins", "--json").stdout)
     image = [r for r in rows if r["kind"] == "hypervisor" and r["name"] == "image"]
     assert image and image[0]["plugin"] == "image" and image[0]["from"].startswith("vbfs ")
+    filesystems = {r["name"]: r["plugin"] for r in rows if r["kind"] == "filesystem"}
+    assert filesystems == dict.fromkeys(["btrfs", "ext", "fat", "ntfs", "xfs"], "guestfs")
 
 
 def test_every_hook_is_documented_with_its_parameters() -> None:

@@ -244,7 +244,14 @@ def backup(obj: Ctx, source: str, guest: str | None, no_index: bool, json_out: b
         with repo.lock_shared(), obj.catalog(repo) as cat:
             from vbfs.engine.backup import BackupRun
 
-            run = BackupRun(repo, cat, default_manager(), progress_for(json_out), index_files=not no_index)
+            run = BackupRun(
+                repo,
+                cat,
+                default_manager(),
+                progress_for(json_out),
+                index_files=not no_index,
+                filesystems=registry().filesystems(),
+            )
             manifest = run.run(hv, name, source)
     finally:
         hv.close()
@@ -327,7 +334,7 @@ def _resolve(obj: Ctx, repo: Repository, spec: str) -> tuple[Node, str]:
     with obj.catalog(repo) as cat:
         found = cat.resolve(snap_spec)
     cache = ChunkCache(repo.get_chunk, 64 * 1024 * 1024)
-    tree = SnapshotTree(repo, repo.load_manifest(found["id"]), cache)
+    tree = SnapshotTree(repo, repo.load_manifest(found["id"]), cache, registry().filesystems())
     return tree.root(found["name"]), path or "/"
 
 
@@ -513,7 +520,8 @@ def mount(obj: Ctx, mountpoint: Path, foreground: bool, cache_size: int, debug: 
                 cat = local.cat = Catalog(repo.catalog_path())
             return cat
 
-        return RepositoryTree(repo, catalog, ChunkCache(repo.get_chunk, cache_size * 1024 * 1024)).root
+        cache = ChunkCache(repo.get_chunk, cache_size * 1024 * 1024)
+        return RepositoryTree(repo, catalog, cache, registry().filesystems()).root
 
     def run(on_ready: Callable[[], None] | None = None) -> None:
         # A mount holds a shared lock, like a backup: pruning cannot delete chunks under it.

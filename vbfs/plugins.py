@@ -59,6 +59,10 @@ class Registry:
             known = ", ".join(sorted(n for k, n in self.entries if k == "hypervisor")) or "none"
             raise UnknownScheme(f"unknown source scheme {scheme!r} (known: {known})") from None
 
+    def filesystems(self) -> dict[str, Any]:
+        """Guest filesystem readers by the name that volume detection gives (ext, xfs, fat, ntfs, btrfs)."""
+        return {name: r.cls for (kind, name), r in self.entries.items() if kind == "filesystem"}
+
     def of_kind(self, kind: str) -> list[Registration]:
         return sorted((r for r in self.entries.values() if r.kind == kind), key=lambda r: r.name)
 

@@ -524,10 +524,17 @@ class RepositoryTree:
 
     KEEP_SNAPSHOTS = 32
 
-    def __init__(self, repo: Repository, catalog: Callable[[], Any], cache: ChunkCache):
+    def __init__(
+        self,
+        repo: Repository,
+        catalog: Callable[[], Any],
+        cache: ChunkCache,
+        filesystems: dict[str, Any] | None = None,
+    ):
         self.repo = repo
         self.catalog = catalog  # gives this thread's Catalog
         self.cache = cache
+        self.filesystems = filesystems
         self._snaps: OrderedDict[str, SnapshotTree] = OrderedDict()
         self._lock = threading.Lock()
         self.root = RootDir(self)
@@ -540,7 +547,7 @@ class RepositoryTree:
                 return tree
         manifest = self.repo.load_manifest(snap_id)
         log.info("opened snapshot %s@%s (%s)", manifest["guest"], manifest["name"], snap_id)
-        tree = SnapshotTree(self.repo, manifest, self.cache)
+        tree = SnapshotTree(self.repo, manifest, self.cache, self.filesystems)
         with self._lock:
             tree = self._snaps.setdefault(snap_id, tree)
             while len(self._snaps) > self.KEEP_SNAPSHOTS:

@@ -173,12 +173,14 @@ class BackupRun:
         pm: pluggy.PluginManager,
         progress: Progress | None = None,
         index_files: bool = True,
+        filesystems: dict[str, Any] | None = None,
     ):
         self.repo = repo
         self.catalog = catalog
         self.pm = pm
         self.progress = progress or NoProgress()
         self.index_files = index_files
+        self.filesystems = filesystems
 
     def _previous_disks(self, guest: str) -> dict[str, dict[str, Any]]:
         prev = self.catalog.latest(guest)
@@ -307,7 +309,8 @@ class BackupRun:
         rows: list[tuple[str, str, int, int, int]] = []
         if self.index_files:
             t0 = time.monotonic()
-            tree = SnapshotTree(self.repo, manifest, ChunkCache(self.repo.get_chunk, 32 * 1024 * 1024))
+            cache = ChunkCache(self.repo.get_chunk, 32 * 1024 * 1024)
+            tree = SnapshotTree(self.repo, manifest, cache, self.filesystems)
             index_ref, rows, warnings = index_snapshot(tree)
             manifest["files_index"] = index_ref
             manifest["notes"] += warnings
