@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import subprocess
@@ -137,3 +138,19 @@ def mounted(tmp_path: Path) -> Iterator[Callable[[Vbfs], Mount]]:
         if is_mounted(m.path):
             m.vbfs("umount", str(m.path), check=False)
         print(f"--- mount log of {m.path} ---\n{m.log()}")
+
+
+@pytest.fixture
+def vcsim() -> Iterator[dict[str, str]]:
+    """govmomi's vCenter simulator with vbfs's CBT additions (tools/vcsim), on loopback; stopped by its PID."""
+    exe = Path(sys.executable).parent / "vbfs-vcsim"
+    if not exe.exists():
+        pytest.skip("the simulator is built by tools/setup")
+    proc = subprocess.Popen([str(exe), "-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = json.loads(proc.stdout.readline())
+        yield info
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
