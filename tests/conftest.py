@@ -146,7 +146,8 @@ def vcsim() -> Iterator[dict[str, str]]:
     exe = Path(sys.executable).parent / "vbfs-vcsim"
     if not exe.exists():
         pytest.skip("the simulator is built by tools/setup")
-    proc = subprocess.Popen([str(exe), "-listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    argv = [str(exe), "-listen", "127.0.0.1:0", "-username", "backup", "-password", "secret"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
         info = json.loads(proc.stdout.readline())

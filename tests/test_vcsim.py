@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,11 +20,10 @@ from pyVmomi import vim  # noqa: E402
 MiB = 1024 * 1024
 
 
-def _connect(info: dict[str, str], context: ssl.SSLContext | None = None):  # type: ignore[no-untyped-def]
+def _connect(info: dict[str, str], context: ssl.SSLContext | None = None, pwd: str = "secret"):  # type: ignore[no-untyped-def]
     host, port = info["url"].split("//")[1].split("/")[0].split(":")
-    return SmartConnect(
-        host=host, port=int(port), user="backup", pwd="secret", sslContext=context or ssl._create_unverified_context()
-    )
+    context = context or ssl._create_unverified_context()
+    return SmartConnect(host=host, port=int(port), user="backup", pwd=pwd, sslContext=context)
 
 
 def _first_vm(si):  # type: ignore[no-untyped-def]
@@ -36,9 +36,11 @@ def _disk(devices):  # type: ignore[no-untyped-def]
     return next(d for d in devices if isinstance(d, vim.vm.device.VirtualDisk))
 
 
-def test_tls_is_verified_unless_turned_off(vcsim: dict[str, str]) -> None:
+def test_tls_is_verified_unless_turned_off_and_passwords_checked(vcsim: dict[str, str]) -> None:
     with pytest.raises(ssl.SSLError):
         _connect(vcsim, ssl.create_default_context())
+    with pytest.raises(vim.fault.InvalidLogin):
+        _connect(vcsim, pwd="wrong")
     si = _connect(vcsim)
     assert si.RetrieveContent().about.apiType == "VirtualCenter"
     Disconnect(si)
@@ -95,4 +97,17 @@ def test_snapshots_changed_areas_and_datastore_reads(vcsim: dict[str, str]) -> N
         with open(flat, "rb") as f:
             f.seek(MiB)
             assert resp.read() == f.read(10)
+    # injected failure: one more download works, the next ones get HTTP 500 until the file is gone
+    (Path(vcsim["datastore"]) / "vbfs-fail-after").write_text("1")
+    codes = []
+    for _ in range(3):
+        try:
+            with urllib.request.urlopen(request, context=ssl._create_unverified_context()) as resp:
+                codes.append(resp.status)
+        except urllib.error.HTTPError as err:
+            codes.append(err.code)
+    assert codes == [206, 500, 500]
+    (Path(vcsim["datastore"]) / "vbfs-fail-after").unlink()
+    with urllib.request.urlopen(request, context=ssl._create_unverified_context()) as resp:
+        assert resp.status == 206
     Disconnect(si)

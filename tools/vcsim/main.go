@@ -9,6 +9,10 @@
 //     that changeId; changeId "*" gives the allocated areas of <disk>-flat.vmdk (SEEK_DATA/SEEK_HOLE); any other
 //     changeId is refused with a FileFault, as vSphere refuses a changeId it no longer knows.
 //
+// For failure tests: with -username/-password only those credentials log in (otherwise any do, as in vcsim);
+// while a file <datastore>/vbfs-fail-after holds a number N, datastore downloads (/folder) after the next N are
+// answered with HTTP 500.
+//
 // On start it prints one JSON line {"url": ..., "datastore": ...} and serves until SIGINT or SIGTERM.
 package main
 
@@ -220,9 +224,28 @@ func giveSnapshotChangeIDs(vmValue string) {
 type handler struct {
 	inner        http.Handler
 	datastoreDir string
+	downloads    int64
+}
+
+// failDownload says whether this datastore download must fail (see vbfs-fail-after).
+func (h *handler) failDownload() bool {
+	data, err := os.ReadFile(filepath.Join(h.datastoreDir, "vbfs-fail-after"))
+	if err != nil {
+		atomic.StoreInt64(&h.downloads, 0)
+		return false
+	}
+	var limit int64
+	if _, err := fmt.Sscan(string(data), &limit); err != nil {
+		return true
+	}
+	return atomic.AddInt64(&h.downloads, 1) > limit
 }
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/folder/") && h.failDownload() {
+		http.Error(w, "injected datastore failure", http.StatusInternalServerError)
+		return
+	}
 	if r.Method != http.MethodPost || r.URL.Path != "/sdk" {
 		h.inner.ServeHTTP(w, r)
 		return
@@ -255,6 +278,8 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 func main() {
 	listen := flag.String("listen", "127.0.0.1:0", "address to listen on (loopback only)")
 	plain := flag.Bool("http", false, "serve plain HTTP instead of HTTPS")
+	username := flag.String("username", "", "the only user that may log in (default: any)")
+	password := flag.String("password", "", "that user's password")
 	flag.Parse()
 
 	model := simulator.VPX()
@@ -265,6 +290,9 @@ func main() {
 		model.Service.TLS = new(tls.Config)
 	}
 	model.Service.Listen = &url.URL{Host: *listen}
+	if *username != "" {
+		model.Service.Listen.User = url.UserPassword(*username, *password)
+	}
 	server := model.Service.NewServer()
 	ds := simulator.Map.Any("Datastore").(*simulator.Datastore)
 	dsURL := ds.Info.GetDatastoreInfo().Url
