@@ -208,24 +208,14 @@ def lvm_ext4_file(path: Path, size: int, vg: str, lv: str, lv_mib: int, tree: Pa
         _run("pvcreate", *cfg, "-q", "-ff", "-y", dev)
         _run("vgcreate", *cfg, "-q", vg, dev)
         _run("lvcreate", *cfg, "-q", "-an", "-Zn", "-L", f"{lv_mib}m", "-n", lv, vg)
-        pe_start = subprocess.run(
-            ["pvs", *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o", "pe_start", dev],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        extent = subprocess.run(
-            ["vgs", *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o", "vg_extent_size", vg],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        ranges = subprocess.run(
-            ["lvs", *cfg, "--noheadings", "-o", "seg_pe_ranges", f"{vg}/{lv}"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+
+        def report(tool: str, field: str, what: str) -> str:
+            args = [tool, *cfg, "--noheadings", "--units", "b", "--nosuffix", "-o", field, what]
+            return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+        pe_start = report("pvs", "pe_start", dev)
+        extent = report("vgs", "vg_extent_size", vg)
+        ranges = report("lvs", "seg_pe_ranges", f"{vg}/{lv}")
         # the volume group must not outlive the test: remove it from the tools' view, keep the bytes
         subprocess.run(["vgchange", *cfg, "-q", "-an", vg], capture_output=True)
     first_pe = int(ranges.split(":")[1].split("-")[0])
