@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import re
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -119,13 +120,28 @@ def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _enable_wal(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
+    """Switch a catalog to WAL. Switching a new database needs it to itself, and SQLite answers "locked" at once
+    (without waiting) while another process is creating the same catalog, so wait here."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 class Catalog:
     def __init__(self, path: Path):
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(path, timeout=60, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(conn)
         except sqlite3.Error as exc:
             raise VbfsError(f"cannot open the catalog {path}: {exc}") from None
         self.conn = conn

@@ -82,9 +82,9 @@ def serve(root: Node, mountpoint: Path, on_ready: Callable[[], None] | None = No
     except RuntimeError as exc:
         raise VbfsError(f"cannot mount at {mountpoint}: {exc}") from None
     log.info("mounted at %s", mountpoint)
-    if on_ready is not None:
-        on_ready()
-    try:
+    try:  # from here on every way out unmounts, a failure to report readiness included
+        if on_ready is not None:
+            on_ready()
         trio.run(_serve)
     except BaseException:
         log.exception("the mount loop failed")

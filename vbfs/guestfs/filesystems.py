@@ -176,14 +176,7 @@ class ExtGuestFS(GuestFS):
         for ino, name in raw:
             if name in (b".", b".."):
                 continue
-            text = name.decode(errors="surrogateescape")
-            fast = self._fast_entry(ino, text)
-            if fast is None:
-                out.append(self._entry(self.fs.get_inode(ino), text))
-                continue
-            if fast.is_symlink:
-                fast.target = self.fs.get_inode(ino).link
-            out.append(fast)
+            out.append(self._entry(self.fs.get_inode(ino), name.decode(errors="surrogateescape")))
         return out
 
 

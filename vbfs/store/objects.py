@@ -84,10 +84,8 @@ class DiskImage:
     def read_if_cached(self, offset: int, length: int) -> bytes | None:
         """The bytes if every chunk they need is cached (or all zeros); ``None`` instead of any I/O.
 
-        The chunk list piece must be loaded already too: this never reads from the repository.
+        The chunk list pieces must be loaded already too: this never reads from the repository.
         """
-        if (offset // self.chunk_size) // INDEX_PIECE_ENTRIES not in self._loaded:
-            return None
         return self._read(offset, length, cached_only=True)
 
     def _read(self, offset: int, length: int, cached_only: bool) -> bytes | None:
@@ -96,7 +94,7 @@ class DiskImage:
             return b""
         cs = self.chunk_size
         first, last = offset // cs, (end - 1) // cs
-        if cached_only and (last // INDEX_PIECE_ENTRIES) not in self._loaded:
+        if cached_only and not {first // INDEX_PIECE_ENTRIES, last // INDEX_PIECE_ENTRIES} <= self._loaded.keys():
             return None
         if offset == self._next_sequential and last >= self._prefetched_to:
             self._prefetch(last + 1, PREFETCH_CHUNKS)
