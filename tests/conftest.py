@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import random
 import subprocess
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from vbfs.testing.images import gpt_ext4, write_tree
+from vbfs.testing.vcsim import VCenterSimulator
 
 MiB = 1024 * 1024
 
@@ -141,17 +141,13 @@ def mounted(tmp_path: Path) -> Iterator[Callable[[Vbfs], Mount]]:
 
 
 @pytest.fixture
-def vcsim() -> Iterator[dict[str, str]]:
+def vcsim() -> Iterator[VCenterSimulator]:
     """govmomi's vCenter simulator with vbfs's CBT additions (tools/vcsim), on loopback; stopped by its PID."""
     exe = Path(sys.executable).parent / "vbfs-vcsim"
     if not exe.exists():
         pytest.skip("the simulator is built by tools/setup")
-    argv = [str(exe), "-listen", "127.0.0.1:0", "-username", "backup", "-password", "secret"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    sim = VCenterSimulator(exe)
     try:
-        assert proc.stdout is not None
-        info = json.loads(proc.stdout.readline())
-        yield info
+        yield sim
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        sim.stop()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vbfs.engine.backup import chunk_indices
+from vbfs.engine.backup import chunk_indices, chunk_jobs
 from vbfs.errors import IntegrityError, LockError
 from vbfs.sources import Extent
 from vbfs.store.backend import LocalBackend
@@ -47,6 +47,19 @@ def test_chunk_indices() -> None:
     assert list(chunk_indices([Extent(150, 10), Extent(120, 5)], 1000, cs)) == [1]
     assert list(chunk_indices([Extent(950, 500)], 1000, cs)) == [9]
     assert list(chunk_indices([Extent(0, 1050)], 1050, cs)) == list(range(11))
+
+
+def test_chunk_jobs_read_only_the_parts_that_changed() -> None:
+    cs = 100
+    jobs = list(chunk_jobs([Extent(120, 10), Extent(125, 20), Extent(190, 30), Extent(300, 100)], 1000, cs, True))
+    assert jobs == [
+        (1, (Extent(120, 25), Extent(190, 10))),  # overlapping parts merged, clipped to the chunk
+        (2, (Extent(200, 20),)),
+        (3, None),  # covered whole: read whole
+    ]
+    assert list(chunk_jobs([Extent(1020, 10)], 1025, cs, True)) == [(10, (Extent(1020, 5),))]
+    assert list(chunk_jobs([Extent(1000, 25)], 1025, cs, True)) == [(10, None)]  # the short last chunk, whole
+    assert list(chunk_jobs([Extent(120, 10)], 1000, cs, False)) == [(1, None)]
 
 
 def test_exclusive_lock_waits_for_shared_and_vice_versa(tmp_path: Path) -> None:

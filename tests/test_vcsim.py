@@ -11,17 +11,17 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
+from pyVmomi import vim
 
-pyvmomi = pytest.importorskip("pyVmomi")
-from pyVim.connect import Disconnect, SmartConnect  # noqa: E402
-from pyVim.task import WaitForTask  # noqa: E402
-from pyVmomi import vim  # noqa: E402
+from vbfs.testing.vcsim import VCenterSimulator
 
 MiB = 1024 * 1024
 
 
-def _connect(info: dict[str, str], context: ssl.SSLContext | None = None, pwd: str = "secret"):  # type: ignore[no-untyped-def]
-    host, port = info["url"].split("//")[1].split("/")[0].split(":")
+def _connect(sim: VCenterSimulator, context: ssl.SSLContext | None = None, pwd: str = "secret"):  # type: ignore[no-untyped-def]
+    host, port = sim.hostport.split(":")
     context = context or ssl._create_unverified_context()
     return SmartConnect(host=host, port=int(port), user="backup", pwd=pwd, sslContext=context)
 
@@ -36,7 +36,7 @@ def _disk(devices):  # type: ignore[no-untyped-def]
     return next(d for d in devices if isinstance(d, vim.vm.device.VirtualDisk))
 
 
-def test_tls_is_verified_unless_turned_off_and_passwords_checked(vcsim: dict[str, str]) -> None:
+def test_tls_is_verified_unless_turned_off_and_passwords_checked(vcsim: VCenterSimulator) -> None:
     with pytest.raises(ssl.SSLError):
         _connect(vcsim, ssl.create_default_context())
     with pytest.raises(vim.fault.InvalidLogin):
@@ -46,12 +46,12 @@ def test_tls_is_verified_unless_turned_off_and_passwords_checked(vcsim: dict[str
     Disconnect(si)
 
 
-def test_snapshots_changed_areas_and_datastore_reads(vcsim: dict[str, str]) -> None:
+def test_snapshots_changed_areas_and_datastore_reads(vcsim: VCenterSimulator) -> None:
     si = _connect(vcsim)
     vm = _first_vm(si)
     disk = _disk(vm.config.hardware.device)
     rel = disk.backing.fileName.split("] ", 1)[1]
-    flat = Path(vcsim["datastore"]) / rel.replace(".vmdk", "-flat.vmdk")
+    flat = Path(vcsim.datastore) / rel.replace(".vmdk", "-flat.vmdk")
     disk.capacityInKB = 64 * 1024  # the simulator's disks are 1 MiB: make this one 64 MiB
     edit = vim.vm.device.VirtualDeviceSpec(operation=vim.vm.device.VirtualDeviceSpec.Operation.edit, device=disk)
     WaitForTask(vm.ReconfigVM_Task(vim.vm.ConfigSpec(deviceChange=[edit])))
@@ -86,7 +86,7 @@ def test_snapshots_changed_areas_and_datastore_reads(vcsim: dict[str, str]) -> N
         vm.QueryChangedDiskAreas(snaps[1], key, 0, "52 forgotten/1")
 
     url = (
-        vcsim["url"].rsplit("/sdk", 1)[0]
+        vcsim.url.rsplit("/sdk", 1)[0]
         + "/folder/"
         + rel.replace(".vmdk", "-flat.vmdk")
         + f"?dcPath=DC0&dsName={disk.backing.datastore.name}"
@@ -98,7 +98,7 @@ def test_snapshots_changed_areas_and_datastore_reads(vcsim: dict[str, str]) -> N
             f.seek(MiB)
             assert resp.read() == f.read(10)
     # injected failure: one more download works, the next ones get HTTP 500 until the file is gone
-    (Path(vcsim["datastore"]) / "vbfs-fail-after").write_text("1")
+    (Path(vcsim.datastore) / "vbfs-fail-after").write_text("1")
     codes = []
     for _ in range(3):
         try:
@@ -107,7 +107,7 @@ def test_snapshots_changed_areas_and_datastore_reads(vcsim: dict[str, str]) -> N
         except urllib.error.HTTPError as err:
             codes.append(err.code)
     assert codes == [206, 500, 500]
-    (Path(vcsim["datastore"]) / "vbfs-fail-after").unlink()
+    (Path(vcsim.datastore) / "vbfs-fail-after").unlink()
     with urllib.request.urlopen(request, context=ssl._create_unverified_context()) as resp:
         assert resp.status == 206
     Disconnect(si)

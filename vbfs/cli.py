@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import sys
 import threading
@@ -224,57 +225,123 @@ def _summary_line(m: dict[str, Any]) -> str:
     )
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (systemd stopping a unit, a kill) ends a backup like Ctrl-C: snapshots removed, guests thawed."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def _source_options(insecure: bool, guest: str | None = None) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    if insecure:
+        options["insecure"] = True
+    if guest:
+        options["guest"] = guest
+    return options
+
+
 @cli.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--guest", help="Guest name (default: the one the source URL names).")
+@click.option(
+    "--job",
+    "job_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A TOML job file: one source, many guests by name, path or pattern.",
+)
+@click.option("--insecure", is_flag=True, help="Do not verify the hypervisor's TLS certificate (prints a warning).")
 @click.option("--no-index", is_flag=True, help="Do not index the guest's files (find and diff will not see them).")
 @click.option("--json", "json_out", is_flag=True, help="Print the new snapshot as JSON.")
 @click.pass_obj
-def backup(obj: Ctx, source: str, guest: str | None, no_index: bool, json_out: bool) -> None:
-    """Back up SOURCE, e.g. image:///var/lib/images/web01.qcow2."""
+def backup(
+    obj: Ctx,
+    source: str | None,
+    guest: str | None,
+    job_file: Path | None,
+    insecure: bool,
+    no_index: bool,
+    json_out: bool,
+) -> None:
+    """Back up SOURCE, e.g. image:///var/lib/images/web01.qcow2, or the guests of a --job."""
+    from vbfs.job import Job
+
+    if (source is None) == (job_file is None):
+        raise click.UsageError("give either a SOURCE or --job FILE")
+    if job_file is not None:
+        if guest:
+            raise click.UsageError("--guest does not go with --job (the job names its guests)")
+        job = Job.load(job_file)
+        options = {**job.options, **_source_options(insecure)}
+        source, index = job.source, job.index and not no_index
+    else:
+        job, options, index = None, _source_options(insecure, guest), not no_index
+    assert source is not None
     url = SourceURL.parse(source)
     hv_cls = registry().hypervisor(url.scheme)
     repo = obj.open_repo()
-    hv = hv_cls(url, {"guest": guest} if guest else {})
+    repo.require_writable()
+    _stop_on_sigterm()
+    hv = hv_cls(url, options)
+    results: list[dict[str, Any]] = []
+    failures: list[str] = []
     try:
-        name = guest or hv.default_guest()
-        if not name:
-            raise SourceError(f"{source} names no guest: give --guest")
-        repo.require_writable()
+        if job is not None:
+            names, missing = job.select(hv.guests())
+            failures += [f"{m}: no such guest at {url.raw}" for m in missing]
+            if not names and not missing:
+                raise SourceError(f"job {job_file}: no guest of {url.raw} matches")
+        else:
+            name = guest or hv.default_guest()
+            if not name:
+                raise SourceError(f"{source} names no guest: give --guest")
+            names = [name]
         with repo.lock_shared(), obj.catalog(repo) as cat:
             from vbfs.engine.backup import BackupRun
 
-            run = BackupRun(
-                repo,
-                cat,
-                default_manager(),
-                progress_for(json_out),
-                index_files=not no_index,
-                filesystems=registry().filesystems(),
-            )
-            manifest = run.run(hv, name, source)
+            for name in names:
+                run = BackupRun(
+                    repo,
+                    cat,
+                    default_manager(),
+                    progress_for(json_out),
+                    index_files=index,
+                    filesystems=registry().filesystems(),
+                )
+                try:
+                    manifest = run.run(hv, name, source)
+                except VbfsError as exc:
+                    if job is None:
+                        raise
+                    failures.append(f"{name}: {exc}")
+                    click.echo(f"vbfs: {name}: {exc}", err=True)
+                    continue
+                results.append(manifest)
+                if not json_out:
+                    for note in manifest["notes"]:
+                        click.echo(f"vbfs: note: {note}", err=True)
+                    click.echo(_summary_line(manifest))
     finally:
         hv.close()
     if json_out:
-        click.echo(
-            json.dumps(
-                {k: manifest[k] for k in ("id", "guest", "name", "time", "consistency", "stats", "notes")},
-                indent=2,
-            )
-        )
-    else:
-        for note in manifest["notes"]:
-            click.echo(f"vbfs: note: {note}", err=True)
-        click.echo(_summary_line(manifest))
+        rows = [{k: m[k] for k in ("id", "guest", "name", "time", "consistency", "stats", "notes")} for m in results]
+        click.echo(json.dumps(rows if job is not None else rows[0], indent=2))
+    if failures:
+        total = len(results) + len(failures)
+        raise VbfsError(f"{len(failures)} of {total} guests failed: " + "; ".join(failures))
 
 
 @cli.command()
 @click.argument("source")
+@click.option("--insecure", is_flag=True, help="Do not verify the hypervisor's TLS certificate (prints a warning).")
 @click.option("--json", "json_out", is_flag=True, help="Print JSON.")
-def guests(source: str, json_out: bool) -> None:
+def guests(source: str, insecure: bool, json_out: bool) -> None:
     """List the guests that SOURCE offers for backup."""
     url = SourceURL.parse(source)
-    hv = registry().hypervisor(url.scheme)(url, {})
+    hv = registry().hypervisor(url.scheme)(url, _source_options(insecure))
     try:
         found = hv.guests()
     finally:
@@ -292,8 +359,13 @@ def guests(source: str, json_out: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        disks = ", ".join(f"{d['name']} ({human(d['size'])})" for d in r["disks"])
-        click.echo(f"{r['name']:24} {r['state']:10} {disks}")
+        disks = ", ".join(f"{d['name']} ({human(d['size'])})" for d in r["disks"]) or "no disks"
+        extra = "  ".join(
+            f"{k}={'on' if v is True else 'off' if v is False else v}"
+            for k, v in r.items()
+            if k not in ("name", "state", "disks", "path") and isinstance(v, str | bool | int)
+        )
+        click.echo(f"{r['name']:24} {r['state']:10} {disks}" + (f"  {extra}" if extra else ""))
 
 
 # ---- reading -----------------------------------------------------------------------------------------------------

@@ -107,6 +107,14 @@ class GuestSnapshot(Protocol):
 
     def change_token(self, disk: DiskInfo) -> ChangeToken | None: ...
 
+    # Optional: ``notes: list[str]``, read after the disks, are sentences for the user (quiescing failed, a token
+    # was rejected, ...); they are printed after the backup and kept in the snapshot's manifest.
+    #
+    # Optional: ``read_ranges(disk, ranges: Iterable[tuple[int, int]]) -> Iterator[bytes]`` yields the bytes of each
+    # (offset, length) in order, like ``read`` called once per range. The engine uses it when present; a source
+    # with latency (a network) implements it to keep several reads in flight. Closing the iterator early must
+    # stop and clean up whatever it started.
+
     def metadata(self) -> dict[str, Any]:
         """JSON-able facts about the guest shown as ``vm.json`` (config, tools state, ...)."""
         ...

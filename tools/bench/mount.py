@@ -17,6 +17,7 @@ backup of the image. Then, with the page cache dropped before each step:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -298,6 +299,8 @@ def main() -> None:
             print(json.dumps(results["find"]), file=sys.stderr)
     finally:
         fusermount_u(mnt)
+        with contextlib.suppress(OSError):
+            mnt.rmdir()
     (work / "mount.json").write_text(json.dumps(results, indent=2) + "\n")
     print(render(results))
 

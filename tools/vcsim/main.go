@@ -9,9 +9,14 @@
 //     that changeId; changeId "*" gives the allocated areas of <disk>-flat.vmdk (SEEK_DATA/SEEK_HOLE); any other
 //     changeId is refused with a FileFault, as vSphere refuses a changeId it no longer knows.
 //
+// Closer to vCenter than stock vcsim, and also ours: datastore downloads (/folder) need a logged-in session's
+// cookie (HTTP 401 otherwise, as vCenter answers), and GET /vbfs/stats tells how many bytes they served, so tests
+// can count what a backup read.
+//
 // For failure tests: with -username/-password only those credentials log in (otherwise any do, as in vcsim);
-// while a file <datastore>/vbfs-fail-after holds a number N, datastore downloads (/folder) after the next N are
-// answered with HTTP 500.
+// while a file <datastore>/vbfs-fail-after holds a number N, datastore downloads after the next N are answered
+// with HTTP 500; while <datastore>/vbfs-quiesce-fails exists, a quiesced CreateSnapshot_Task fails with
+// ApplicationQuiesceFault, as it does when VMware Tools cannot quiesce the guest.
 //
 // On start it prints one JSON line {"url": ..., "datastore": ...} and serves until SIGINT or SIGTERM.
 package main
@@ -50,7 +55,8 @@ type queryChangedDiskAreas struct {
 }
 
 type createSnapshot struct {
-	This string `xml:"Body>CreateSnapshot_Task>_this"`
+	This    string `xml:"Body>CreateSnapshot_Task>_this"`
+	Quiesce bool   `xml:"Body>CreateSnapshot_Task>quiesce"`
 }
 
 const envelope = `<?xml version="1.0" encoding="UTF-8"?>
@@ -65,6 +71,16 @@ func fault(w http.ResponseWriter, msg string, file string) {
 		`<detail><FileFaultFault xmlns="urn:vim25" xsi:type="FileFault"><file>%s</file></FileFaultFault></detail>`+
 		`</soapenv:Fault>`, xmlEscape(msg), xmlEscape(file))
 	fmt.Fprintf(w, envelope, body)
+}
+
+// notAuthenticated is the fault vSphere answers to a call without a live session.
+func notAuthenticated(w http.ResponseWriter) {
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	w.WriteHeader(http.StatusInternalServerError)
+	fmt.Fprintf(w, envelope, `<soapenv:Fault><faultcode>ServerFaultCode</faultcode><faultstring></faultstring>`+
+		`<detail><NotAuthenticatedFault xmlns="urn:vim25" xsi:type="NotAuthenticated">`+
+		`<object type="Folder">group-d1</object><privilegeId>System.View</privilegeId>`+
+		`</NotAuthenticatedFault></detail></soapenv:Fault>`)
 }
 
 func xmlEscape(s string) string {
@@ -224,7 +240,54 @@ func giveSnapshotChangeIDs(vmValue string) {
 type handler struct {
 	inner        http.Handler
 	datastoreDir string
-	downloads    int64
+	downloads    int64 // downloads counted against vbfs-fail-after
+	served       int64 // bytes served by datastore downloads
+	servedCount  int64 // datastore downloads answered
+}
+
+// countingWriter counts the body bytes of a datastore download.
+type countingWriter struct {
+	http.ResponseWriter
+	n *int64
+}
+
+func (c countingWriter) Write(b []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(b)
+	atomic.AddInt64(c.n, int64(n))
+	return n, err
+}
+
+// loggedIn says whether the request's session cookie belongs to a live session, by asking the simulator itself
+// for the current time with that cookie (it answers NotAuthenticated for an unknown or expired session).
+func (h *handler) loggedIn(r *http.Request) bool {
+	cookie, err := r.Cookie("vmware_soap_session")
+	if err != nil {
+		return false
+	}
+	body := fmt.Sprintf(envelope, `<CurrentTime xmlns="urn:vim25"><_this type="ServiceInstance">`+
+		`ServiceInstance</_this></CurrentTime>`)
+	req := httptest.NewRequest(http.MethodPost, "/sdk", strings.NewReader(body))
+	req.Header.Set("Content-Type", "text/xml")
+	req.AddCookie(cookie)
+	rec := httptest.NewRecorder()
+	h.inner.ServeHTTP(rec, req)
+	return rec.Code == http.StatusOK && !strings.Contains(rec.Body.String(), "NotAuthenticated")
+}
+
+// failQuiesce answers a quiesced CreateSnapshot_Task with a task that fails as VMware Tools' quiescing does.
+func failQuiesce(w http.ResponseWriter, vmValue string) bool {
+	vm, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: vmValue}).(*simulator.VirtualMachine)
+	if !ok {
+		return false
+	}
+	task := simulator.CreateTask(vm, "createSnapshot", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		return nil, &types.ApplicationQuiesceFault{}
+	})
+	ref := task.Run()
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	fmt.Fprintf(w, envelope, fmt.Sprintf(`<CreateSnapshot_TaskResponse xmlns="urn:vim25">`+
+		`<returnval type="Task">%s</returnval></CreateSnapshot_TaskResponse>`, ref.Value))
+	return true
 }
 
 // failDownload says whether this datastore download must fail (see vbfs-fail-after).
@@ -242,8 +305,24 @@ func (h *handler) failDownload() bool {
 }
 
 func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	if r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/folder/") && h.failDownload() {
-		http.Error(w, "injected datastore failure", http.StatusInternalServerError)
+	if r.Method == http.MethodGet && r.URL.Path == "/vbfs/stats" {
+		w.Header().Set("Content-Type", "application/json")
+		_ = json.NewEncoder(w).Encode(map[string]int64{
+			"downloaded_bytes": atomic.LoadInt64(&h.served), "downloads": atomic.LoadInt64(&h.servedCount),
+		})
+		return
+	}
+	if r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/folder/") {
+		if !h.loggedIn(r) {
+			http.Error(w, "not logged in", http.StatusUnauthorized)
+			return
+		}
+		if h.failDownload() {
+			http.Error(w, "injected datastore failure", http.StatusInternalServerError)
+			return
+		}
+		atomic.AddInt64(&h.servedCount, 1)
+		h.inner.ServeHTTP(countingWriter{w, &h.served}, r)
 		return
 	}
 	if r.Method != http.MethodPost || r.URL.Path != "/sdk" {
@@ -258,10 +337,19 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	r.Body = io.NopCloser(bytes.NewReader(body))
 	switch {
 	case bytes.Contains(body, []byte("<QueryChangedDiskAreas")):
+		if !h.loggedIn(r) {
+			notAuthenticated(w)
+			return
+		}
 		answerQuery(w, body, h.datastoreDir)
 	case bytes.Contains(body, []byte("<CreateSnapshot_Task")):
 		var req createSnapshot
 		_ = xml.Unmarshal(body, &req)
+		if _, err := os.Stat(filepath.Join(h.datastoreDir, "vbfs-quiesce-fails")); err == nil && req.Quiesce {
+			if failQuiesce(w, req.This) {
+				return
+			}
+		}
 		rec := httptest.NewRecorder()
 		h.inner.ServeHTTP(rec, r)
 		giveSnapshotChangeIDs(req.This)

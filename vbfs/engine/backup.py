@@ -18,7 +18,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
@@ -77,18 +77,67 @@ def check_name(kind: str, name: str) -> str:
 
 def chunk_indices(extents: list[Extent], size: int, chunk_size: int) -> Iterator[int]:
     """Indices of the chunks that the (sorted) extents touch, each once, in order."""
-    last = -1
+    for index, _ in chunk_jobs(extents, size, chunk_size, partial=False):
+        yield index
+
+
+ChunkJob = tuple[int, tuple[Extent, ...] | None]
+"""A chunk to store: its index, and the parts of it to read (``None``: all of it)."""
+
+
+def chunk_jobs(extents: list[Extent], size: int, chunk_size: int, partial: bool) -> Iterator[ChunkJob]:
+    """The chunks that the extents touch, in order, each once; streamed, so a 2 TB disk costs no memory.
+
+    With ``partial``, a chunk that the extents cover only in part comes with those parts (clipped to the chunk,
+    merged), so an incremental reads only the changed bytes and patches them into the previous chunk.
+    """
+    cur = -1
+    parts: list[Extent] = []
+
+    def finish() -> ChunkJob:
+        whole = min(chunk_size, size - cur * chunk_size)
+        covered = sum(e.length for e in parts)
+        return cur, (tuple(parts) if partial and covered < whole else None)
+
+    for e in _merged(extents, size):
+        pos = e.offset
+        while pos < e.end:
+            i = pos // chunk_size
+            hi = min(e.end, (i + 1) * chunk_size)
+            if i != cur:
+                if cur >= 0:
+                    yield finish()
+                cur, parts = i, []
+            parts.append(Extent(pos, hi - pos))
+            pos = hi
+    if cur >= 0:
+        yield finish()
+
+
+def _merged(extents: list[Extent], size: int) -> Iterator[Extent]:
+    """The extents clipped to the disk, sorted, with overlapping and touching ones joined."""
+    run: Extent | None = None
     for e in sorted(extents):
-        if e.length <= 0:
+        start, end = max(0, e.offset), min(e.end, size)
+        if end <= start:
             continue
-        first = max(e.offset // chunk_size, last + 1)
-        stop = min(-(-min(e.end, size) // chunk_size), -(-size // chunk_size))
-        yield from range(first, stop)
-        last = max(last, stop - 1)
+        if run is not None and start <= run.end:
+            run = Extent(run.offset, max(run.end, end) - run.offset)
+            continue
+        if run is not None:
+            yield run
+        run = Extent(start, end - start)
+    if run is not None:
+        yield run
 
 
 class DiskWriter:
-    """Stores the chunks of one disk through the worker pool and builds its chunk list."""
+    """Stores the chunks of one disk through the worker pool and builds its chunk list.
+
+    Bytes come from the snapshot in the calling thread, in disk order: through ``read_ranges`` when the plugin
+    offers it (a network source keeps several ranges in flight there), else one ``read`` per range. A chunk read
+    in part is completed in a worker from the previous backup's chunk, so unchanged bytes are never read again.
+    """
 
     def __init__(self, repo: Repository, pool: ThreadPoolExecutor, seen: set[ChunkId], seen_lock: threading.Lock):
         self.repo = repo
@@ -114,17 +163,50 @@ class DiskWriter:
                 self.seen.discard(cid)
             raise
 
+    def _patch_and_store(
+        self, base_id: ChunkId, start: int, length: int, pieces: list[tuple[int, bytes]]
+    ) -> tuple[ChunkId, str, int]:
+        """The previous chunk with the changed pieces written over it, stored."""
+        if base_id == ZERO_ID:
+            buf = bytearray(length)
+        else:
+            base = self.repo.get_chunk(base_id)
+            if len(base) != length:
+                raise VbfsError(
+                    f"the previous backup's chunk at offset {start} has {len(base)} bytes, expected {length}"
+                )
+            buf = bytearray(base)
+        for offset, data in pieces:
+            buf[offset - start : offset - start + len(data)] = data
+        return self._store(bytes(buf))
+
+    @staticmethod
+    def _read_all(snap: GuestSnapshot, disk: DiskInfo, ranges: Iterator[tuple[int, int]]) -> Iterator[bytes]:
+        read_ranges = getattr(snap, "read_ranges", None)
+        if read_ranges is not None:
+            yield from read_ranges(disk, ranges)
+        else:
+            for offset, length in ranges:
+                yield snap.read(disk, offset, length)
+
     def run(
         self,
         snap: GuestSnapshot,
         disk: DiskInfo,
-        indices: Iterator[int],
+        jobs: Callable[[], Iterator[ChunkJob]],
         entries: bytearray,
         stats: BackupStats,
         progress: Progress,
     ) -> None:
         cs = self.repo.chunk_size
         pending: dict[Future[tuple[ChunkId, str, int]], tuple[int, int]] = {}
+
+        def ranges() -> Iterator[tuple[int, int]]:
+            for i, parts in jobs():
+                if parts is None:
+                    yield i * cs, min(cs, disk.size - i * cs)
+                else:
+                    yield from ((e.offset, e.length) for e in parts)
 
         def settle(done: set[Future[tuple[ChunkId, str, int]]]) -> None:
             for fut in done:
@@ -142,16 +224,29 @@ class DiskWriter:
                     stats.stored_bytes += stored
                 progress.advance(n)
 
+        data_in = self._read_all(snap, disk, ranges())
         try:
-            for i in indices:
-                length = min(cs, disk.size - i * cs)
-                data = snap.read(disk, i * cs, length)
-                if len(data) != length:
-                    raise SourceError(
-                        f"disk {disk.name}: the source gave {len(data)} bytes at offset {i * cs}, expected {length}"
-                    )
-                stats.read_bytes += length
-                pending[self.pool.submit(self._store, data)] = (i, length)
+            for i, parts in jobs():
+                start = i * cs
+                length = min(cs, disk.size - start)
+                wanted = [(start, length)] if parts is None else [(e.offset, e.length) for e in parts]
+                pieces = []
+                for offset, n in wanted:
+                    data = next(data_in, None)
+                    if data is None or len(data) != n:
+                        got = "no" if data is None else len(data)
+                        raise SourceError(
+                            f"disk {disk.name}: the source gave {got} bytes at offset {offset}, expected {n}"
+                        )
+                    stats.read_bytes += n
+                    pieces.append((offset, data))
+                failpoint("chunk-read")
+                if parts is None:
+                    fut = self.pool.submit(self._store, pieces[0][1])
+                else:
+                    base = bytes(entries[i * ID_SIZE : (i + 1) * ID_SIZE])
+                    fut = self.pool.submit(self._patch_and_store, base, start, length, pieces)
+                pending[fut] = (i, length)
                 if len(pending) >= MAX_IN_FLIGHT:
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
                     settle(done)
@@ -159,6 +254,9 @@ class DiskWriter:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
                 settle(done)
         finally:
+            close = getattr(data_in, "close", None)
+            if close is not None:
+                close()
             for fut in pending:
                 fut.cancel()
             if pending:
@@ -224,13 +322,16 @@ class BackupRun:
             if extents is None:
                 extents = [Extent(0, disk.size)]
         assert entries is not None and extents is not None
-        indices = list(chunk_indices(extents, disk.size, cs))
-        to_read = sum(min(cs, disk.size - i * cs) for i in indices)
-        if mode == "full":
-            stats.zero_bytes += disk.size - to_read
-        self.progress.begin(f"{disk.name}", to_read)
+
+        def jobs() -> Iterator[ChunkJob]:
+            assert extents is not None
+            return chunk_jobs(extents, disk.size, cs, partial=True)
+
+        touched = sum(min(cs, disk.size - i * cs) for i, _ in jobs())
+        stats.zero_bytes += disk.size - touched
+        self.progress.begin(f"{disk.name}", touched)
         try:
-            writer.run(snap, disk, iter(indices), entries, stats, self.progress)
+            writer.run(snap, disk, jobs, entries, stats, self.progress)
         finally:
             self.progress.end()
         record = {
@@ -284,6 +385,7 @@ class BackupRun:
                 stats.stored_bytes += stored
             metadata = snap.metadata()
             consistency = snap.consistency
+            stats.notes += list(getattr(snap, "notes", []))
         stats.seconds = round(time.monotonic() - started, 3)
         name = snapshot_name(when)
         n = 1
