@@ -202,9 +202,15 @@ def test_read_failure_and_kill_leave_no_snapshot_behind(
     vmw("check")
 
 
-def test_quiesce_failure_gives_a_crash_consistent_backup(sim: VCenterSimulator, vmw: Vbfs, tmp_path: Path) -> None:
+def test_quiesce_failure_gives_a_crash_consistent_backup_and_disks_are_consolidated(
+    sim: VCenterSimulator, vmw: Vbfs, tmp_path: Path
+) -> None:
     (sim.datastore / "vbfs-quiesce-fails").write_text("")
+    sim.needs_consolidation()
+    assert sim.consolidation_needed()
     out = backup(vmw, sim.source())
+    assert f"(disks of {VM} consolidated)" in " ".join(out["notes"]), out["notes"]
+    assert not sim.consolidation_needed()
     assert out["consistency"] == "crash-consistent"
     assert any("quiescing" in n and "crash-consistent" in n for n in out["notes"]), out["notes"]
     assert "ApplicationQuiesceFault" in vm_json(vmw, tmp_path)["quiesce"]

@@ -16,7 +16,9 @@
 // For failure tests: with -username/-password only those credentials log in (otherwise any do, as in vcsim);
 // while a file <datastore>/vbfs-fail-after holds a number N, datastore downloads after the next N are answered
 // with HTTP 500; while <datastore>/vbfs-quiesce-fails exists, a quiesced CreateSnapshot_Task fails with
-// ApplicationQuiesceFault, as it does when VMware Tools cannot quiesce the guest.
+// ApplicationQuiesceFault, as it does when VMware Tools cannot quiesce the guest; POST /vbfs/needs-consolidation
+// ?vm=<moref> sets the VM's runtime.consolidationNeeded, and ConsolidateVMDisks_Task (which govmomi 0.24 lacks)
+// clears it.
 //
 // On start it prints one JSON line {"url": ..., "datastore": ...} and serves until SIGINT or SIGTERM.
 package main
@@ -52,6 +54,39 @@ type queryChangedDiskAreas struct {
 	DeviceKey   int32  `xml:"Body>QueryChangedDiskAreas>deviceKey"`
 	StartOffset int64  `xml:"Body>QueryChangedDiskAreas>startOffset"`
 	ChangeID    string `xml:"Body>QueryChangedDiskAreas>changeId"`
+}
+
+type consolidate struct {
+	This string `xml:"Body>ConsolidateVMDisks_Task>_this"`
+}
+
+// setConsolidationNeeded sets runtime.consolidationNeeded of a VM through the simulator's registry.
+func setConsolidationNeeded(vmValue string, needed bool) bool {
+	vm, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: vmValue}).(*simulator.VirtualMachine)
+	if !ok {
+		return false
+	}
+	simulator.Map.WithLock(vm, func() { vm.Runtime.ConsolidationNeeded = types.NewBool(needed) })
+	return true
+}
+
+// answerConsolidate runs ConsolidateVMDisks_Task as a task that clears runtime.consolidationNeeded.
+func answerConsolidate(w http.ResponseWriter, body []byte) {
+	var req consolidate
+	_ = xml.Unmarshal(body, &req)
+	vm, ok := simulator.Map.Get(types.ManagedObjectReference{Type: "VirtualMachine", Value: req.This}).(*simulator.VirtualMachine)
+	if !ok {
+		fault(w, "no such VM "+req.This, req.This)
+		return
+	}
+	task := simulator.CreateTask(vm, "consolidateVMDisks", func(*simulator.Task) (types.AnyType, types.BaseMethodFault) {
+		setConsolidationNeeded(req.This, false)
+		return nil, nil
+	})
+	ref := task.Run()
+	w.Header().Set("Content-Type", "text/xml; charset=utf-8")
+	fmt.Fprintf(w, envelope, fmt.Sprintf(`<ConsolidateVMDisks_TaskResponse xmlns="urn:vim25">`+
+		`<returnval type="Task">%s</returnval></ConsolidateVMDisks_TaskResponse>`, ref.Value))
 }
 
 type createSnapshot struct {
@@ -312,6 +347,12 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		})
 		return
 	}
+	if r.Method == http.MethodPost && r.URL.Path == "/vbfs/needs-consolidation" {
+		if !setConsolidationNeeded(r.URL.Query().Get("vm"), true) {
+			http.Error(w, "no such VM", http.StatusNotFound)
+		}
+		return
+	}
 	if r.Method == http.MethodGet && strings.HasPrefix(r.URL.Path, "/folder/") {
 		if !h.loggedIn(r) {
 			http.Error(w, "not logged in", http.StatusUnauthorized)
@@ -342,6 +383,12 @@ func (h *handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		answerQuery(w, body, h.datastoreDir)
+	case bytes.Contains(body, []byte("<ConsolidateVMDisks_Task")):
+		if !h.loggedIn(r) {
+			notAuthenticated(w)
+			return
+		}
+		answerConsolidate(w, body)
 	case bytes.Contains(body, []byte("<CreateSnapshot_Task")):
 		var req createSnapshot
 		_ = xml.Unmarshal(body, &req)

@@ -108,6 +108,16 @@ class VCenterSimulator:
             todo += list(node.childSnapshotList or [])
         return sorted(n for n in names if n.startswith("vbfs-"))
 
+    def needs_consolidation(self, vm_name: str = VM) -> None:
+        """Make vSphere say the VM's disks need consolidating (``runtime.consolidationNeeded``)."""
+        ctx = ssl._create_unverified_context()
+        url = f"https://{self.hostport}/vbfs/needs-consolidation?vm={self.vm(vm_name)._moId}"
+        with urllib.request.urlopen(urllib.request.Request(url, method="POST"), context=ctx):
+            pass
+
+    def consolidation_needed(self, vm_name: str = VM) -> bool:
+        return bool(self.vm(vm_name).runtime.consolidationNeeded)
+
     def downloaded(self) -> int:
         """Bytes the simulator has served from datastore files so far."""
         ctx = ssl._create_unverified_context()
