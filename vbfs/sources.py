@@ -139,8 +139,14 @@ class Hypervisor(Protocol):
         """Remove snapshots that an earlier vbfs run left behind; return what was removed."""
         ...
 
-    def snapshot(self, guest: str) -> AbstractContextManager[GuestSnapshot]:
-        """Take a snapshot; the context manager removes it on exit whatever happened inside."""
+    def snapshot(
+        self, guest: str, since: Mapping[str, ChangeToken] | None = None
+    ) -> AbstractContextManager[GuestSnapshot]:
+        """Take a snapshot; the context manager removes it on exit whatever happened inside.
+
+        ``since`` maps disk names to the change tokens of the last committed backup, for sources that must know
+        before the snapshot where an incremental starts (libvirt names the checkpoint in ``backupBegin``).
+        """
         ...
 
     def close(self) -> None: ...

@@ -359,7 +359,8 @@ class BackupRun:
             ctx: dict[str, Any] = {}
             try:
                 self.pm.hook.vbfs_freeze(guest=guest, ctx=ctx)
-                snap = stack.enter_context(hv.snapshot(guest))
+                since = {name: d["token"] for name, d in prev_disks.items() if d.get("token")}
+                snap = stack.enter_context(hv.snapshot(guest, since=since))
             finally:
                 self.pm.hook.vbfs_thaw(guest=guest, ctx=ctx)
             when = datetime.now(UTC)

@@ -271,7 +271,7 @@ class ImageHypervisor:
         return []
 
     @contextmanager
-    def snapshot(self, guest: str) -> Iterator[ImageSnapshot]:
+    def snapshot(self, guest: str, since: Mapping[str, ChangeToken] | None = None) -> Iterator[ImageSnapshot]:
         image = ImageFile(self.path)
         try:
             yield ImageSnapshot(image, self.disk_name, guest)

@@ -479,7 +479,7 @@ class VmwareHypervisor:
         return json.dumps({"vbfs": 1, "host": socket.gethostname(), "pid": os.getpid()})
 
     @contextmanager
-    def snapshot(self, guest: str) -> Iterator[VmwareSnapshot]:
+    def snapshot(self, guest: str, since: Mapping[str, ChangeToken] | None = None) -> Iterator[VmwareSnapshot]:
         from pyVmomi import vim
 
         vm, p = self._find_vm(guest)
