@@ -272,7 +272,7 @@ def test_kill_during_nbd_read_then_next_run_ends_the_job_and_continues(
     assert len(json.loads(lv("snapshots", "--json").stdout)) == 1, "no partial snapshot in the repository"
 
     out = backup(lv, domain.source)
-    assert any("backup job of killed vbfs process" in n for n in out["notes"]), out["notes"]
+    assert any("cleanup: ended the backup job" in n for n in out["notes"]), out["notes"]
     assert out["stats"]["read_bytes"] == written, "still an incremental from the last committed checkpoint"
     assert not domain.backup_job_running()
     assert restored_equals(lv, domain, tmp_path)
@@ -304,7 +304,12 @@ def test_guest_agent_freeze_then_thaw_around_the_checkpoint(
 ) -> None:
     d = make_domain(agent=True)
     d.wait_for_agent()
+    # killed while the guest is frozen: the next run thaws it first
+    proc = lv("backup", d.source, check=False, extra_env={"VBFS_FAILPOINT": "guest-frozen"})
+    assert proc.returncode == -9
+    assert d.agent("guest-fsfreeze-status") == "frozen"
     out = backup(lv, d.source)
+    assert any("cleanup: thawed the filesystems" in n for n in out["notes"]), out["notes"]
     assert out["consistency"] == "filesystem-consistent", out["notes"]
     meta = vm_json(lv, d.name, tmp_path)["metadata"]
     assert meta["freeze"] == "1 filesystems frozen through the QEMU guest agent"

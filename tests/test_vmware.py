@@ -196,7 +196,7 @@ def test_read_failure_and_kill_leave_no_snapshot_behind(
     assert proc.returncode == -9
     assert len(sim.vbfs_snapshots()) == 1, "a killed backup cannot remove its snapshot"
     out = backup(vmw, sim.source())
-    assert any("removed leftover snapshot vbfs-" in n for n in out["notes"]), out["notes"]
+    assert any("cleanup: removed snapshot vbfs-" in n for n in out["notes"]), out["notes"]
     assert sim.vbfs_snapshots() == []
     assert len(json.loads(vmw("snapshots", "--json").stdout)) == 2
     vmw("check")
@@ -209,7 +209,7 @@ def test_quiesce_failure_gives_a_crash_consistent_backup_and_disks_are_consolida
     sim.needs_consolidation()
     assert sim.consolidation_needed()
     out = backup(vmw, sim.source())
-    assert f"(disks of {VM} consolidated)" in " ".join(out["notes"]), out["notes"]
+    assert f"cleanup: consolidated the disks of {VM}, as vSphere asked" in out["notes"], out["notes"]
     assert not sim.consolidation_needed()
     assert out["consistency"] == "crash-consistent"
     assert any("quiescing" in n and "crash-consistent" in n for n in out["notes"]), out["notes"]

@@ -136,7 +136,7 @@ class Hypervisor(Protocol):
         ...
 
     def remove_leftovers(self, guest: str) -> list[str]:
-        """Remove snapshots that an earlier vbfs run left behind; return what was removed."""
+        """Clean up what an earlier vbfs run left behind (snapshots, jobs, freezes); return one sentence per thing."""
         ...
 
     def snapshot(

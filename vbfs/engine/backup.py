@@ -13,6 +13,7 @@ Consistency rules kept here:
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import secrets
@@ -351,7 +352,7 @@ class BackupRun:
         started = time.monotonic()
         stats = BackupStats()
         removed = hv.remove_leftovers(guest)
-        stats.notes += [f"removed leftover snapshot {r}" for r in removed]
+        stats.notes += [f"cleanup: {r}" for r in removed]
         prev_disks = self._previous_disks(guest)
         seen: set[ChunkId] = set()
         seen_lock = threading.Lock()
@@ -360,7 +361,10 @@ class BackupRun:
             try:
                 self.pm.hook.vbfs_freeze(guest=guest, ctx=ctx)
                 since = {name: d["token"] for name, d in prev_disks.items() if d.get("token")}
-                snap = stack.enter_context(hv.snapshot(guest, since=since))
+                if "since" in inspect.signature(hv.snapshot).parameters:
+                    snap = stack.enter_context(hv.snapshot(guest, since=since))
+                else:  # a plugin written before ``since`` existed
+                    snap = stack.enter_context(hv.snapshot(guest))
             finally:
                 self.pm.hook.vbfs_thaw(guest=guest, ctx=ctx)
             when = datetime.now(UTC)

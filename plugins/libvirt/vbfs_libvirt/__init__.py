@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 from urllib.parse import parse_qsl, urlsplit
 
 from vbfs.errors import NotSupported, SourceError
+from vbfs.failpoints import failpoint
 from vbfs.plugins import Registry, hookimpl
 from vbfs.sources import (
     CRASH_CONSISTENT,
@@ -358,12 +359,30 @@ class LibvirtHypervisor:
                 raise LibvirtError(f"domain {guest} is being backed up by vbfs process {owner}")
             with contextlib.suppress(lv.libvirtError):
                 dom.abortJob()
-            removed.append(f"backup job of killed vbfs process {owner} on {guest}")
+            removed.append(f"ended the backup job of {guest} left by killed vbfs process {owner}")
+        live_runs = False
         for folder in self.run_dir.glob(f"{guest}-*-*") if self.run_dir.is_dir() else []:
             owner = self._run_dir_owner(folder)
             if owner is not None and not _pid_is_vbfs(owner):
                 shutil.rmtree(folder, ignore_errors=True)
+            elif owner is not None and owner != os.getpid():
+                live_runs = True
+        # A vbfs run killed between freeze and thaw leaves the guest frozen: thaw it, unless a run is under way.
+        if not live_runs and dom.isActive() and _agent_connected(dom.XMLDesc()) and self._agent_frozen(dom):
+            with contextlib.suppress(lv.libvirtError):
+                dom.fsThaw()
+                removed.append(f"thawed the filesystems of {guest}, left frozen by a killed run")
         return removed
+
+    @staticmethod
+    def _agent_frozen(dom: Any) -> bool:
+        try:
+            import libvirt_qemu
+
+            reply = libvirt_qemu.qemuAgentCommand(dom, '{"execute": "guest-fsfreeze-status"}', AGENT_TIMEOUT, 0)
+            return '"frozen"' in reply
+        except Exception:
+            return False
 
     def _run_dir_owner(self, folder: Path) -> int | None:
         """The vbfs process that made ``folder`` (``<run dir>/<domain>-<pid>-<random>``), or None if not vbfs's."""
@@ -485,6 +504,7 @@ class LibvirtHypervisor:
         try:
             frozen = self._freeze(dom, facts)
             frozen_at = time.monotonic()
+            failpoint("guest-frozen")
             try:
                 try:
                     self._begin(dom, folder, disks, name, start_from)

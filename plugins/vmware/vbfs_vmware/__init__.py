@@ -442,11 +442,11 @@ class VmwareHypervisor:
             elif time.time() - created < FOREIGN_LEFTOVER_AGE:
                 continue  # maybe still in use by a vbfs run on another machine
             self._remove_snapshot(node.snapshot, f"leftover snapshot {node.name}")
-            removed.append(f"{node.name} of {p['name']}")
+            removed.append(f"removed snapshot {node.name} of {p['name']}, left by an earlier run")
         if self.session.props(vm, ["runtime.consolidationNeeded"]).get("runtime.consolidationNeeded"):
             task = self.session.call(vm.ConsolidateVMDisks_Task)
             self.session.wait_task(task, f"consolidating the disks of {p['name']}")
-            removed.append(f"(disks of {p['name']} consolidated)")
+            removed.append(f"consolidated the disks of {p['name']}, as vSphere asked")
         return removed
 
     def _create_snapshot(self, vm: Any, name: str, description: str, quiesce: bool) -> Any:
