@@ -19,6 +19,8 @@ from vbfs.store.backend import LocalBackend
 from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import Codec
 from vbfs.store.locks import EXCLUSIVE, SHARED, RepositoryLock, locked
+from vbfs.store.patch import PatchRecord
+from vbfs.store.repository import Repository
 
 
 @pytest.mark.parametrize("encrypted", [False, True])
@@ -27,7 +29,7 @@ def test_codec_roundtrip_and_tamper_detection(encrypted: bool) -> None:
     for data in (b"x" * 100000, os.urandom(5000)):
         cid = codec.chunk_id(data)
         blob = codec.encode(data, "chunks/aa/name")
-        assert codec.open_chunk(blob, cid, "chunks/aa/name") == data
+        assert codec.open_chunk(blob, cid, "chunks/aa/name") == (False, data)
         for pos in (2, len(blob) // 2, len(blob) - 1):
             bad = bytearray(blob)
             bad[pos] ^= 0x80
@@ -198,3 +200,38 @@ def test_streams_read_back_at_any_offset(tmp_path: Path) -> None:
         n = r.randrange(1, 3 * 1024 * 1024)
         assert stream.read(off, n) == data[off : off + n]
     assert b"".join(repo.read_stream(ref.to_json())) == data
+
+
+def test_patch_records_roundtrip_merge_and_refuse_damage() -> None:
+    base = bytes(range(256)) * 16  # 4 KiB
+    rec = PatchRecord(b"b" * 32, len(base), ((10, b"abc"), (100, b"xyz")))
+    assert PatchRecord.from_bytes(rec.to_bytes(), "t") == rec
+    assert rec.apply(base)[:13] == base[:10] + b"abc"
+    merged = rec.overlay([(12, b"QQQQ"), (200, b"z")])  # overlaps the first piece, adds one
+    assert merged.pieces == ((10, b"abQQQQ"), (100, b"xyz"), (200, b"z"))
+    assert merged.apply(base) == rec.apply(base)[:12] + b"QQQQ" + rec.apply(base)[16:200] + b"z" + base[201:]
+    raw = bytearray(rec.to_bytes())
+    with pytest.raises(IntegrityError):
+        PatchRecord.from_bytes(bytes(raw[:-1]), "t")  # a piece cut short
+    with pytest.raises(IntegrityError):
+        rec.apply(base[:-1])
+
+
+@pytest.mark.parametrize("encryption", ["none", "repokey"])
+def test_patched_chunks_read_back_and_cannot_pass_for_full_ones(tmp_path: Path, encryption: str) -> None:
+    repo = Repository.init(str(tmp_path / "r"), encryption, lambda confirm: "pw")
+    base = os.urandom(64 * 1024)
+    base_id = repo.codec.chunk_id(base)
+    repo.put_chunk(base_id, base)
+    cid, stored = repo.put_patch(PatchRecord(base_id, len(base), ((4096, b"\xff" * 100),)))
+    assert stored > 0 and cid != repo.codec.chunk_id(base[:4096] + b"\xff" * 100 + base[4196:])
+    assert repo.get_chunk(cid) == base[:4096] + b"\xff" * 100 + base[4196:]
+    assert repo.chunk_patch(base_id) is None and repo.chunk_patch(cid) is not None
+    assert repo.put_patch(PatchRecord(base_id, len(base), ((4096, b"\xff" * 100),)))[1] == 0, "deduplicated"
+    # a patch whose base is a patch is refused, and a missing base is an error, not zeros
+    chained, _ = repo.put_patch(PatchRecord(cid, len(base), ((0, b"x"),)))
+    with pytest.raises(IntegrityError, match="patch as its base"):
+        repo.get_chunk(chained)
+    orphan, _ = repo.put_patch(PatchRecord(b"\x01" * 32, len(base), ((0, b"x"),)))
+    with pytest.raises(IntegrityError):
+        repo.get_chunk(orphan)

@@ -165,7 +165,9 @@ def test_full_then_cbt_incremental_then_rejected_change_id(
     assert any("rejected" in n for n in again["notes"]), again["notes"]
     assert again["stats"]["read_bytes"] == sim.downloaded() - before
     assert again["stats"]["read_bytes"] > 64 * MiB, "a rejected changeId must lead to a full read"
-    assert again["stats"]["new_bytes"] <= 8 * MiB, "the full read is deduplicated"
+    # deduplicated: new are only the 8 chunks changed now and the few that the incremental stored as patch records
+    # (a full read stores those whole again)
+    assert again["stats"]["new_bytes"] <= 16 * MiB, "the full read is deduplicated"
     restored.unlink()
     vmw("restore", f"{VM}@latest:/disks/{DISK}.img", str(restored))
     assert sha256(restored) == sha256(flat)

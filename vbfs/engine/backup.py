@@ -37,17 +37,19 @@ from vbfs.failpoints import failpoint
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
 from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
+from vbfs.store.patch import PatchRecord
 from vbfs.store.repository import ZERO_ID, Repository
 from vbfs.vfs import SnapshotTree
 
 MAX_IN_FLIGHT = 8
+MAX_PATCH_PIECES = 256  # a patch record with more pieces is stored as a full chunk again
 _NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
 
 
 @dataclass
 class BackupStats:
     read_bytes: int = 0  # bytes read from the source
-    new_bytes: int = 0  # plaintext bytes of chunks that were new to the repository
+    new_bytes: int = 0  # plaintext bytes new to the repository (whole chunks, or the pieces of patch records)
     dedup_bytes: int = 0  # plaintext bytes of chunks the repository already had
     zero_bytes: int = 0  # bytes of the disks never stored: unallocated, unchanged or all zeros
     stored_bytes: int = 0  # bytes written to the repository (compressed, encrypted)
@@ -147,18 +149,19 @@ class DiskWriter:
         self.seen_lock = seen_lock
         self.zero = bytes(repo.chunk_size)
 
-    def _store(self, data: bytes) -> tuple[ChunkId, str, int]:
+    def _store(self, data: bytes) -> tuple[ChunkId, str, int, int]:
+        """Store a full chunk: (id, "zero" | "dedup" | "new", bytes written, plaintext bytes new)."""
         if data == self.zero[: len(data)]:
-            return ZERO_ID, "zero", 0
+            return ZERO_ID, "zero", 0, 0
         cid = self.repo.codec.chunk_id(data)
         with self.seen_lock:
             if cid in self.seen:
-                return cid, "dedup", 0
+                return cid, "dedup", 0, 0
             self.seen.add(cid)
         try:
             if self.repo.has_chunk(cid):
-                return cid, "dedup", 0
-            return cid, "new", self.repo.put_chunk(cid, data)
+                return cid, "dedup", 0, 0
+            return cid, "new", self.repo.put_chunk(cid, data), len(data)
         except BaseException:
             with self.seen_lock:
                 self.seen.discard(cid)
@@ -166,20 +169,23 @@ class DiskWriter:
 
     def _patch_and_store(
         self, base_id: ChunkId, start: int, length: int, pieces: list[tuple[int, bytes]]
-    ) -> tuple[ChunkId, str, int]:
-        """The previous chunk with the changed pieces written over it, stored."""
+    ) -> tuple[ChunkId, str, int, int]:
+        """The previous chunk with the changed pieces over it: as a patch record while the pieces stay small, so
+        the work follows the change and not the chunk size; as a full chunk again once they pass half of it."""
+        rel = [(offset - start, data) for offset, data in pieces]
         if base_id == ZERO_ID:
             buf = bytearray(length)
-        else:
-            base = self.repo.get_chunk(base_id)
-            if len(base) != length:
-                raise VbfsError(
-                    f"the previous backup's chunk at offset {start} has {len(base)} bytes, expected {length}"
-                )
-            buf = bytearray(base)
-        for offset, data in pieces:
-            buf[offset - start : offset - start + len(data)] = data
-        return self._store(bytes(buf))
+            for off, data in rel:
+                buf[off : off + len(data)] = data
+            return self._store(bytes(buf))
+        previous = self.repo.chunk_patch(base_id)
+        record = (previous or PatchRecord(base_id, length, ())).overlay(rel)
+        if record.length != length:
+            raise VbfsError(f"the previous backup's chunk at offset {start} has {record.length} bytes, not {length}")
+        if record.piece_bytes * 2 > length or len(record.pieces) > MAX_PATCH_PIECES:
+            return self._store(record.apply(self.repo.get_chunk(record.base)))
+        cid, stored = self.repo.put_patch(record)
+        return cid, ("new" if stored else "dedup"), stored, record.piece_bytes
 
     @staticmethod
     def _read_all(snap: GuestSnapshot, disk: DiskInfo, ranges: Iterator[tuple[int, int]]) -> Iterator[bytes]:
@@ -200,7 +206,7 @@ class DiskWriter:
         progress: Progress,
     ) -> None:
         cs = self.repo.chunk_size
-        pending: dict[Future[tuple[ChunkId, str, int]], tuple[int, int]] = {}
+        pending: dict[Future[tuple[ChunkId, str, int, int]], tuple[int, int]] = {}
 
         def ranges() -> Iterator[tuple[int, int]]:
             for i, parts in jobs():
@@ -209,10 +215,10 @@ class DiskWriter:
                 else:
                     yield from ((e.offset, e.length) for e in parts)
 
-        def settle(done: set[Future[tuple[ChunkId, str, int]]]) -> None:
+        def settle(done: set[Future[tuple[ChunkId, str, int, int]]]) -> None:
             for fut in done:
                 i, n = pending.pop(fut)
-                cid, kind, stored = fut.result()
+                cid, kind, stored, plain = fut.result()
                 entries[i * ID_SIZE : (i + 1) * ID_SIZE] = cid
                 if kind == "zero":
                     stats.zero_bytes += n
@@ -220,7 +226,7 @@ class DiskWriter:
                     stats.dedup_bytes += n
                     stats.dedup_chunks += 1
                 else:
-                    stats.new_bytes += n
+                    stats.new_bytes += plain
                     stats.new_chunks += 1
                     stats.stored_bytes += stored
                 progress.advance(n)

@@ -6,12 +6,15 @@ Stored object layout (all integers are single bytes)::
     body, unencrypted:  compression | payload
     body, encrypted:    nonce (12) | AES-GCM( compression | payload ) with the object name as associated data
 
-``compression`` is 0 (stored as is) or 1 (one zstd frame). The object name is bound into the tag, so an object
+``compression`` is 0 (stored as is) or 1 (one zstd frame), plus 2 (``PATCH``) when the payload is a patch record
+(:mod:`vbfs.store.patch`) rather than a chunk's bytes. The object name is bound into the tag, so an object
 cannot be swapped for another one under a different name without the swap being detected.
 
 Chunk ids are BLAKE3 of the plaintext; in an encrypted repository BLAKE3 in keyed mode with the repository's id
 key, so the storage learns nothing from the names. ``open_chunk`` recomputes the id and compares: a flipped bit
-anywhere is an :class:`IntegrityError`, never silently wrong data.
+anywhere is an :class:`IntegrityError`, never silently wrong data. Patch records have ids of their own: BLAKE3 keyed
+with a key derived from the id key (or from nothing, unencrypted) for that purpose alone, so a patch id and a chunk
+id never collide.
 
 Thread-safe: the zstd contexts are per thread; hashing, compression and AES release the GIL.
 """
@@ -33,6 +36,7 @@ ENC_NONE = 0
 ENC_AESGCM = 1
 COMP_NONE = 0
 COMP_ZSTD = 1
+PATCH = 2  # flag in the compression byte: the payload is a patch record
 ID_SIZE = 32
 NONCE_SIZE = 12
 # Decompressed objects are never larger than this (chunk lists and manifests included).
@@ -57,6 +61,14 @@ class Codec:
             return blake3.blake3(data, key=self.id_key).digest()
         return blake3.blake3(data).digest()
 
+    def patch_id(self, record: bytes) -> ChunkId:
+        key = getattr(self, "_patch_key", None)
+        if key is None:
+            key = self._patch_key = blake3.blake3(
+                self.id_key or b"", derive_key_context="vbfs 2026-11 patch record id"
+            ).digest()
+        return blake3.blake3(record, key=key).digest()
+
     def _compressor(self) -> zstandard.ZstdCompressor:
         c = getattr(self._local, "c", None)
         if c is None:
@@ -69,17 +81,20 @@ class Codec:
             d = self._local.d = zstandard.ZstdDecompressor()
         return d
 
-    def encode(self, data: bytes | memoryview, name: str) -> bytes:
+    def encode(self, data: bytes | memoryview, name: str, patch: bool = False) -> bytes:
         """Compress (when it pays) and, in an encrypted repository, encrypt ``data`` stored under ``name``."""
         packed = self._compressor().compress(data)
-        inner = bytes([COMP_ZSTD]) + packed if len(packed) < len(data) else bytes([COMP_NONE]) + bytes(data)
+        flag = PATCH if patch else 0
+        if len(packed) < len(data):
+            inner = bytes([COMP_ZSTD | flag]) + packed
+        else:
+            inner = bytes([COMP_NONE | flag]) + bytes(data)
         if self.aead is None:
             return bytes([FORMAT_VERSION, ENC_NONE]) + inner
         nonce = os.urandom(NONCE_SIZE)
         return bytes([FORMAT_VERSION, ENC_AESGCM]) + nonce + self.aead.encrypt(nonce, inner, name.encode())
 
-    def decode(self, blob: bytes, name: str) -> bytes:
-        """Authenticate, decrypt and decompress an object; :class:`IntegrityError` on any damage."""
+    def _open(self, blob: bytes, name: str) -> tuple[bool, bytes]:
         if len(blob) < 3 or blob[0] != FORMAT_VERSION:
             raise IntegrityError(f"object {name} is damaged (bad header)")
         enc = blob[1]
@@ -97,18 +112,40 @@ class Codec:
                 raise IntegrityError(f"object {name} is damaged (authentication failed)") from None
         else:
             raise IntegrityError(f"object {name} is damaged (unknown encryption {enc})")
-        comp = inner[0]
+        is_patch, comp = bool(inner[0] & PATCH), inner[0] & ~PATCH
         if comp == COMP_NONE:
-            return bytes(inner[1:])
+            return is_patch, bytes(inner[1:])
         if comp == COMP_ZSTD:
             try:
-                return self._decompressor().decompress(inner[1:], max_output_size=MAX_OBJECT_SIZE)
+                return is_patch, self._decompressor().decompress(inner[1:], max_output_size=MAX_OBJECT_SIZE)
             except zstandard.ZstdError:
                 raise IntegrityError(f"object {name} is damaged (cannot decompress)") from None
         raise IntegrityError(f"object {name} is damaged (unknown compression {comp})")
 
-    def open_chunk(self, blob: bytes, cid: ChunkId, name: str) -> bytes:
-        data = self.decode(blob, name)
-        if self.chunk_id(data) != cid:
-            raise IntegrityError(f"chunk {cid.hex()} is damaged (content does not match its id)")
+    def is_patch(self, blob: bytes, name: str) -> bool:
+        """Whether an object holds a patch record: authenticated and decrypted, not decompressed or verified."""
+        if len(blob) < 3 or blob[0] != FORMAT_VERSION:
+            raise IntegrityError(f"object {name} is damaged (bad header)")
+        if blob[1] == ENC_NONE:
+            return bool(blob[2] & PATCH)
+        if self.aead is None or blob[1] != ENC_AESGCM:
+            raise IntegrityError(f"object {name} is damaged (unexpected encryption {blob[1]})")
+        try:
+            inner = self.aead.decrypt(blob[2 : 2 + NONCE_SIZE], blob[2 + NONCE_SIZE :], name.encode())
+        except InvalidTag:
+            raise IntegrityError(f"object {name} is damaged (authentication failed)") from None
+        return bool(inner[0] & PATCH)
+
+    def decode(self, blob: bytes, name: str) -> bytes:
+        """Authenticate, decrypt and decompress an object; :class:`IntegrityError` on any damage."""
+        is_patch, data = self._open(blob, name)
+        if is_patch:
+            raise IntegrityError(f"object {name} is a patch record where a plain object belongs")
         return data
+
+    def open_chunk(self, blob: bytes, cid: ChunkId, name: str) -> tuple[bool, bytes]:
+        """A chunk's bytes, or a patch record's (``True, record``); either checked against ``cid``."""
+        is_patch, data = self._open(blob, name)
+        if (self.patch_id(data) if is_patch else self.chunk_id(data)) != cid:
+            raise IntegrityError(f"chunk {cid.hex()} is damaged (content does not match its id)")
+        return is_patch, data

@@ -43,6 +43,7 @@ from vbfs.store.backend import Backend, LocalBackend
 from vbfs.store.codec import ID_SIZE, ChunkId, Codec
 from vbfs.store.keys import create_key, unlock_key
 from vbfs.store.locks import EXCLUSIVE, SHARED, RepositoryLock, locked
+from vbfs.store.patch import PatchRecord
 
 REPO_FORMAT = "vbfs-repository"
 REPO_VERSION = 1
@@ -203,8 +204,40 @@ class Repository:
         return len(blob)
 
     def get_chunk(self, cid: ChunkId) -> bytes:
+        """A chunk's bytes, verified; a chunk stored as a patch record is read from its base and its pieces."""
+        record = self._load(cid)
+        if not isinstance(record, PatchRecord):
+            return record
+        base = self._load(record.base)
+        if isinstance(base, PatchRecord):
+            raise IntegrityError(f"patch {cid.hex()[:16]} has a patch as its base")
+        return record.apply(base)
+
+    def _load(self, cid: ChunkId) -> bytes | PatchRecord:
         name = chunk_object_name(cid)
-        return self.codec.open_chunk(self.backend.get(name), cid, name)
+        is_patch, data = self.codec.open_chunk(self.backend.get(name), cid, name)
+        return PatchRecord.from_bytes(data, f"chunk {cid.hex()[:16]}") if is_patch else data
+
+    def chunk_patch(self, cid: ChunkId) -> PatchRecord | None:
+        """The patch record ``cid`` is stored as, or None for a full chunk (which is then not decompressed)."""
+        name = chunk_object_name(cid)
+        blob = self.backend.get(name)
+        if not self.codec.is_patch(blob, name):
+            return None
+        _, data = self.codec.open_chunk(blob, cid, name)
+        return PatchRecord.from_bytes(data, f"chunk {cid.hex()[:16]}")
+
+    def put_patch(self, record: PatchRecord) -> tuple[ChunkId, int]:
+        """Store a patch record; returns its id and the bytes it takes on the backend (0 if it was there)."""
+        raw = record.to_bytes()
+        cid = self.codec.patch_id(raw)
+        name = chunk_object_name(cid)
+        if self.backend.exists(name):
+            return cid, 0
+        blob = self.codec.encode(raw, name, patch=True)
+        self.backend.put(name, blob)
+        failpoint("chunk-written")
+        return cid, len(blob)
 
     def store_blob(self, data: bytes) -> tuple[ChunkId, int]:
         """Store ``data`` as a chunk if it is not there yet; return its id and the bytes newly stored."""
