@@ -50,7 +50,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
 class BackupStats:
     read_bytes: int = 0  # bytes read from the source
     new_bytes: int = 0  # plaintext bytes new to the repository (whole chunks, or the pieces of patch records)
-    dedup_bytes: int = 0  # plaintext bytes of chunks the repository already had
+    dedup_bytes: int = 0  # plaintext bytes the repository already had (whole chunks, or patch record pieces)
     zero_bytes: int = 0  # bytes of the disks never stored: unallocated, unchanged or all zeros
     stored_bytes: int = 0  # bytes written to the repository (compressed, encrypted)
     new_chunks: int = 0
@@ -150,17 +150,17 @@ class DiskWriter:
         self.zero = bytes(repo.chunk_size)
 
     def _store(self, data: bytes) -> tuple[ChunkId, str, int, int]:
-        """Store a full chunk: (id, "zero" | "dedup" | "new", bytes written, plaintext bytes new)."""
+        """Store a full chunk: (id, "zero" | "dedup" | "new", bytes written, plaintext bytes it stands for)."""
         if data == self.zero[: len(data)]:
             return ZERO_ID, "zero", 0, 0
         cid = self.repo.codec.chunk_id(data)
         with self.seen_lock:
             if cid in self.seen:
-                return cid, "dedup", 0, 0
+                return cid, "dedup", 0, len(data)
             self.seen.add(cid)
         try:
             if self.repo.has_chunk(cid):
-                return cid, "dedup", 0, 0
+                return cid, "dedup", 0, len(data)
             return cid, "new", self.repo.put_chunk(cid, data), len(data)
         except BaseException:
             with self.seen_lock:
@@ -173,17 +173,13 @@ class DiskWriter:
         """The previous chunk with the changed pieces over it: as a patch record while the pieces stay small, so
         the work follows the change and not the chunk size; as a full chunk again once they pass half of it."""
         rel = [(offset - start, data) for offset, data in pieces]
-        if base_id == ZERO_ID:
-            buf = bytearray(length)
-            for off, data in rel:
-                buf[off : off + len(data)] = data
-            return self._store(bytes(buf))
-        previous = self.repo.chunk_patch(base_id)
+        previous = None if base_id == ZERO_ID else self.repo.chunk_patch(base_id)
         record = (previous or PatchRecord(base_id, length, ())).overlay(rel)
         if record.length != length:
             raise VbfsError(f"the previous backup's chunk at offset {start} has {record.length} bytes, not {length}")
         if record.piece_bytes * 2 > length or len(record.pieces) > MAX_PATCH_PIECES:
-            return self._store(record.apply(self.repo.get_chunk(record.base)))
+            base = bytes(length) if record.base == ZERO_ID else self.repo.get_chunk(record.base)
+            return self._store(record.apply(base))
         cid, stored = self.repo.put_patch(record)
         return cid, ("new" if stored else "dedup"), stored, record.piece_bytes
 
@@ -223,7 +219,7 @@ class DiskWriter:
                 if kind == "zero":
                     stats.zero_bytes += n
                 elif kind == "dedup":
-                    stats.dedup_bytes += n
+                    stats.dedup_bytes += plain
                     stats.dedup_chunks += 1
                 else:
                     stats.new_bytes += plain

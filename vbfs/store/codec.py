@@ -122,20 +122,6 @@ class Codec:
                 raise IntegrityError(f"object {name} is damaged (cannot decompress)") from None
         raise IntegrityError(f"object {name} is damaged (unknown compression {comp})")
 
-    def is_patch(self, blob: bytes, name: str) -> bool:
-        """Whether an object holds a patch record: authenticated and decrypted, not decompressed or verified."""
-        if len(blob) < 3 or blob[0] != FORMAT_VERSION:
-            raise IntegrityError(f"object {name} is damaged (bad header)")
-        if blob[1] == ENC_NONE:
-            return bool(blob[2] & PATCH)
-        if self.aead is None or blob[1] != ENC_AESGCM:
-            raise IntegrityError(f"object {name} is damaged (unexpected encryption {blob[1]})")
-        try:
-            inner = self.aead.decrypt(blob[2 : 2 + NONCE_SIZE], blob[2 + NONCE_SIZE :], name.encode())
-        except InvalidTag:
-            raise IntegrityError(f"object {name} is damaged (authentication failed)") from None
-        return bool(inner[0] & PATCH)
-
     def decode(self, blob: bytes, name: str) -> bytes:
         """Authenticate, decrypt and decompress an object; :class:`IntegrityError` on any damage."""
         is_patch, data = self._open(blob, name)

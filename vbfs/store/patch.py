@@ -1,10 +1,11 @@
 """Patch records: a disk chunk stored as an earlier chunk plus the pieces of it that changed.
 
-An incremental backup that knows which bytes of a chunk changed (from CBT or a dirty bitmap) stores the chunk as
-a patch record instead of rebuilding and recompressing the whole chunk: the id of a full *base* chunk, the chunk's
-length, and the changed pieces. Reading it reads the base and writes the pieces over it. A record's base is always
-a full chunk: patching a patched chunk merges the new pieces into its record, so a read never follows a chain.
-When the pieces grow past half the chunk, the writer stores the full chunk again.
+A backup that knows which bytes of a chunk changed (from CBT or a dirty bitmap) or hold data at all (an
+allocation map) stores the chunk as a patch record instead of rebuilding and recompressing the whole chunk: the id
+of a full *base* chunk (the zero id for a chunk of zeros), the chunk's length, and the pieces. Reading it reads
+the base and writes the pieces over it. A record's base is always a full chunk: patching a patched chunk merges
+the new pieces into its record, so a read never follows a chain. When the pieces grow past half the chunk (or
+number more than 256), the writer stores the full chunk again.
 
 Plaintext layout (big-endian)::
 
@@ -80,16 +81,27 @@ class PatchRecord:
 
     def overlay(self, newer: list[tuple[int, bytes]]) -> PatchRecord:
         """This record with ``newer`` pieces written over it (newer bytes win), merged and sorted."""
-        buf = bytearray(self.length)
-        mask = bytearray(self.length)
-        for off, data in (*self.pieces, *newer):
-            buf[off : off + len(data)] = data
-            mask[off : off + len(data)] = b"\x01" * len(data)
-        pieces: list[tuple[int, bytes]] = []
-        i = mask.find(1)
-        while i >= 0:
-            j = mask.find(0, i)
-            j = self.length if j < 0 else j
-            pieces.append((i, bytes(buf[i:j])))
-            i = mask.find(1, j)
-        return PatchRecord(self.base, self.length, tuple(pieces))
+        pieces = list(self.pieces)
+        for off, data in sorted(newer):
+            end = off + len(data)
+            if off < 0 or end > self.length:
+                raise ValueError(f"piece {off}+{len(data)} is outside the chunk ({self.length} bytes)")
+            kept = []
+            for o, d in pieces:
+                e = o + len(d)
+                if e <= off or o >= end:
+                    kept.append((o, d))
+                    continue
+                if o < off:
+                    kept.append((o, d[: off - o]))
+                if e > end:
+                    kept.append((end, d[end - o :]))
+            kept.append((off, data))
+            pieces = sorted(kept)
+        merged: list[tuple[int, bytes]] = []
+        for o, d in pieces:
+            if merged and merged[-1][0] + len(merged[-1][1]) == o:
+                merged[-1] = (merged[-1][0], merged[-1][1] + d)
+            elif d:
+                merged.append((o, d))
+        return PatchRecord(self.base, self.length, tuple(merged))

@@ -63,6 +63,14 @@ def chunk_object_name(cid: ChunkId) -> str:
     return f"chunks/{h[:2]}/{h}"
 
 
+PATCH_SUFFIX = ".patch"
+
+
+def patch_object_name(cid: ChunkId) -> str:
+    """Patch records are named apart, so a writer learns whether a chunk is one with a stat, not a read."""
+    return chunk_object_name(cid) + PATCH_SUFFIX
+
+
 @dataclass(frozen=True)
 class StreamRef:
     size: int
@@ -208,6 +216,8 @@ class Repository:
         record = self._load(cid)
         if not isinstance(record, PatchRecord):
             return record
+        if record.base == ZERO_ID:
+            return record.apply(bytes(record.length))
         base = self._load(record.base)
         if isinstance(base, PatchRecord):
             raise IntegrityError(f"patch {cid.hex()[:16]} has a patch as its base")
@@ -215,23 +225,28 @@ class Repository:
 
     def _load(self, cid: ChunkId) -> bytes | PatchRecord:
         name = chunk_object_name(cid)
-        is_patch, data = self.codec.open_chunk(self.backend.get(name), cid, name)
+        try:
+            blob = self.backend.get(name)
+        except ObjectMissing:
+            name = patch_object_name(cid)
+            blob = self.backend.get(name)
+        is_patch, data = self.codec.open_chunk(blob, cid, name)
+        if is_patch != name.endswith(PATCH_SUFFIX):
+            raise IntegrityError(f"object {name} is damaged (its kind does not match its name)")
         return PatchRecord.from_bytes(data, f"chunk {cid.hex()[:16]}") if is_patch else data
 
     def chunk_patch(self, cid: ChunkId) -> PatchRecord | None:
-        """The patch record ``cid`` is stored as, or None for a full chunk (which is then not decompressed)."""
-        name = chunk_object_name(cid)
-        blob = self.backend.get(name)
-        if not self.codec.is_patch(blob, name):
+        """The patch record ``cid`` is stored as, or None for a full chunk (which is not read)."""
+        if not self.backend.exists(patch_object_name(cid)):
             return None
-        _, data = self.codec.open_chunk(blob, cid, name)
-        return PatchRecord.from_bytes(data, f"chunk {cid.hex()[:16]}")
+        record = self._load(cid)
+        return record if isinstance(record, PatchRecord) else None
 
     def put_patch(self, record: PatchRecord) -> tuple[ChunkId, int]:
         """Store a patch record; returns its id and the bytes it takes on the backend (0 if it was there)."""
         raw = record.to_bytes()
         cid = self.codec.patch_id(raw)
-        name = chunk_object_name(cid)
+        name = patch_object_name(cid)
         if self.backend.exists(name):
             return cid, 0
         blob = self.codec.encode(raw, name, patch=True)
@@ -330,7 +345,7 @@ class Repository:
 
 
 def chunk_name_to_id(name: str) -> ChunkId | None:
-    base = name.rsplit("/", 1)[-1]
+    base = name.rsplit("/", 1)[-1].removesuffix(PATCH_SUFFIX)
     try:
         cid = bytes.fromhex(base)
     except ValueError:
