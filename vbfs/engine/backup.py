@@ -350,6 +350,13 @@ class BackupRun:
         return record, stats
 
     def run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
+        try:
+            return self._run(hv, guest, source_url)
+        except BaseException:
+            self.repo.backend.discard_batch()  # chunks no manifest will name
+            raise
+
+    def _run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
         check_name("guest", guest)
         started = time.monotonic()
         stats = BackupStats()

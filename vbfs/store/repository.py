@@ -207,7 +207,7 @@ class Repository:
         """Store a chunk; returns the number of bytes it takes on the backend."""
         name = chunk_object_name(cid)
         blob = self.codec.encode(data, name)
-        self.backend.put(name, blob)
+        self.backend.put_batched(name, blob)
         failpoint("chunk-written")
         return len(blob)
 
@@ -250,7 +250,7 @@ class Repository:
         if self.backend.exists(name):
             return cid, 0
         blob = self.codec.encode(raw, name, patch=True)
-        self.backend.put(name, blob)
+        self.backend.put_batched(name, blob)
         failpoint("chunk-written")
         return cid, len(blob)
 
