@@ -42,6 +42,7 @@ from vbfs.store.repository import ZERO_ID, Repository
 from vbfs.vfs import SnapshotTree
 
 MAX_IN_FLIGHT = 8
+MAX_READ_PARTS = 8  # a chunk with more parts to read is read whole
 MAX_PATCH_PIECES = 256  # a patch record with more pieces is stored as a full chunk again
 _NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
 
@@ -92,7 +93,8 @@ def chunk_jobs(extents: list[Extent], size: int, chunk_size: int, partial: bool)
     """The chunks that the extents touch, in order, each once; streamed, so a 2 TB disk costs no memory.
 
     With ``partial``, a chunk that the extents cover only in part comes with those parts (clipped to the chunk,
-    merged), so an incremental reads only the changed bytes and patches them into the previous chunk.
+    merged), so an incremental reads only the changed bytes and patches them into the previous chunk; a chunk
+    covered for three quarters or more, or in more than ``MAX_READ_PARTS`` parts, is read whole.
     """
     cur = -1
     parts: list[Extent] = []
@@ -100,7 +102,10 @@ def chunk_jobs(extents: list[Extent], size: int, chunk_size: int, partial: bool)
     def finish() -> ChunkJob:
         whole = min(chunk_size, size - cur * chunk_size)
         covered = sum(e.length for e in parts)
-        return cur, (tuple(parts) if partial and covered < whole else None)
+        # Many small parts, or most of the chunk: one read of the whole chunk costs less than many small ones.
+        if not partial or covered * 4 >= whole * 3 or len(parts) > MAX_READ_PARTS:
+            return cur, None
+        return cur, tuple(parts)
 
     for e in _merged(extents, size):
         pos = e.offset

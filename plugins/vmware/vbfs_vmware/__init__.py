@@ -311,6 +311,7 @@ class VmwareHypervisor:
         self.dc_path = "/".join(dc_parts)
         self.vm_path = "/".join(vm_parts)
         self.options = options
+        self._found: dict[str, tuple[Any, dict[str, Any]]] = {}
         self.session = Session(url, options)
         try:
             self.datacenter = self._find_datacenter()
@@ -394,6 +395,13 @@ class VmwareHypervisor:
         return self.vm_path.rsplit("/", 1)[-1] if self.vm_path else None
 
     def _find_vm(self, guest: str) -> tuple[Any, dict[str, Any]]:
+        """The VM and its properties; the inventory is read once per guest and connection (a backup asks twice)."""
+        found = self._found.get(guest)
+        if found is None:
+            found = self._found[guest] = self._lookup_vm(guest)
+        return found
+
+    def _lookup_vm(self, guest: str) -> tuple[Any, dict[str, Any]]:
         rows = self._inventory()
         wanted = self.vm_path if self.vm_path and guest == self.default_guest() else guest
         exact = [r for r in rows if r[1]["path"] == wanted]
