@@ -1,6 +1,7 @@
 """Check: is every snapshot in the repository whole, and (with ``verify_data``) is every chunk intact?
 
-Without ``verify_data`` the check reads every manifest and chunk list and makes sure every chunk they name exists.
+Without ``verify_data`` the check reads every manifest and chunk list and makes sure every chunk they name exists,
+and that the base of every patch record they name exists too (patch records are small: they are read).
 With it, every chunk is also read, decrypted, decompressed and hashed; a bad chunk is reported with each snapshot,
 disk and offset that uses it. The check never changes the repository.
 """
@@ -16,7 +17,7 @@ from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import VbfsError
 from vbfs.store.backend import LocalBackend
 from vbfs.store.codec import ID_SIZE, ChunkId
-from vbfs.store.repository import STREAM_ENTRY, ZERO_ID, Repository, chunk_name_to_id
+from vbfs.store.repository import PATCH_SUFFIX, STREAM_ENTRY, ZERO_ID, Repository, chunk_name_to_id
 
 
 @dataclass
@@ -39,12 +40,15 @@ def check(repo: Repository, verify_data: bool = False, progress: Progress | None
     progress = progress or NoProgress()
     report = CheckReport()
     stored: set[ChunkId] = set()
+    patches: set[ChunkId] = set()
     for name in repo.backend.list("chunks/"):
         cid = chunk_name_to_id(name)
         if cid is None:
             report.warnings.append(f"unexpected object {name}")
         else:
             stored.add(cid)
+            if name.endswith(PATCH_SUFFIX):
+                patches.add(cid)
     if isinstance(repo.backend, LocalBackend):
         tmp = repo.backend.leftover_temporaries()
         if tmp:
@@ -55,6 +59,17 @@ def check(repo: Repository, verify_data: bool = False, progress: Progress | None
         if cid not in stored:
             report.errors.append(f"{_where(where)}: chunk {cid.hex()[:16]} is missing")
             return False
+        if cid in patches and cid not in uses:  # each patch record once: its base must exist as well
+            try:
+                record = repo.chunk_patch(cid)
+            except VbfsError as exc:
+                report.errors.append(f"{_where(where)}: {exc}")
+                return False
+            if record is not None and record.base != ZERO_ID and record.base not in stored:
+                report.errors.append(
+                    f"{_where(where)}: chunk {cid.hex()[:16]} is a patch of {record.base.hex()[:16]}, which is missing"
+                )
+                return False
         uses[cid].append(where)
         return True
 
