@@ -4,6 +4,11 @@ The data flows one way: the source's bytes are read in the calling thread (one s
 a pool of worker threads that test for zeros, hash, compress, encrypt and store (BLAKE3, zstd, AES and file
 writes release the GIL, so both cores stay busy). At most ``MAX_IN_FLIGHT`` chunks are in memory at once.
 
+Only what the source says may hold data (allocated extents for a full backup, changed extents for an incremental)
+is read. A chunk read in part is stored as a patch record on its previous version (or on zeros) while the parts
+stay small, so the work of an incremental follows the change, not the chunk size (:mod:`vbfs.store.patch`).
+A failed run removes the chunks of its open batch; earlier batches stay for the next run to deduplicate against.
+
 Consistency rules kept here:
 - ``vbfs_freeze`` is always followed by ``vbfs_thaw``, whatever fails in between.
 - The hypervisor snapshot is a context manager and is removed on every path out.
