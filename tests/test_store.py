@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from vbfs.engine.backup import chunk_indices, chunk_jobs
+from vbfs.engine.backup import chunk_indices, chunk_jobs, repository_name
 from vbfs.errors import IntegrityError, LockError
 from vbfs.sources import Extent
 from vbfs.store.backend import LocalBackend
@@ -235,3 +235,12 @@ def test_patched_chunks_read_back_and_cannot_pass_for_full_ones(tmp_path: Path, 
     orphan, _ = repo.put_patch(PatchRecord(b"\x01" * 32, len(base), ((0, b"x"),)))
     with pytest.raises(IntegrityError):
         repo.get_chunk(orphan)
+
+
+def test_guest_names_that_cannot_be_folders_are_kept_under_a_safe_name() -> None:
+    assert repository_name("web01") == "web01"
+    assert repository_name("web (old)") == "web _old_"
+    assert repository_name("db/primary") == "db_primary"
+    assert repository_name("..") == "_.."
+    assert repository_name("@home") == "_@home"
+    assert repository_name("") == "guest"

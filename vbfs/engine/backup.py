@@ -78,6 +78,16 @@ class BackupStats:
         self.notes += other.notes
 
 
+def repository_name(guest: str) -> str:
+    """The name a guest is kept under: its own when usable as a folder name, else with the other characters as _."""
+    if _NAME_RE.match(guest) and guest not in (".", ".."):
+        return guest
+    safe = re.sub(r"[^A-Za-z0-9._+@ -]", "_", guest)[:200].strip() or "guest"
+    if not _NAME_RE.match(safe) or safe in (".", ".."):
+        safe = "_" + safe
+    return safe
+
+
 def check_name(kind: str, name: str) -> str:
     if not _NAME_RE.match(name) or name in (".", ".."):
         raise VbfsError(f"{kind} name {name!r} is not usable as a folder name (letters, digits, . _ + - @ space)")
@@ -294,7 +304,7 @@ class BackupRun:
         self.filesystems = filesystems
 
     def _previous_disks(self, guest: str) -> dict[str, dict[str, Any]]:
-        prev = self.catalog.latest(guest)
+        prev = self.catalog.latest(repository_name(guest))
         if prev is None:
             return {}
         try:
@@ -367,9 +377,11 @@ class BackupRun:
             raise
 
     def _run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
-        check_name("guest", guest)
+        stored_as = repository_name(guest)
         started = time.monotonic()
         stats = BackupStats()
+        if stored_as != guest:
+            stats.notes.append(f"guest {guest!r} is kept as {stored_as!r} (a folder name cannot hold all of it)")
         removed = hv.remove_leftovers(guest)
         stats.notes += [f"cleanup: {r}" for r in removed]
         prev_disks = self._previous_disks(guest)
@@ -413,13 +425,13 @@ class BackupRun:
         stats.seconds = round(time.monotonic() - started, 3)
         name = snapshot_name(when)
         n = 1
-        while self.catalog.name_taken(guest, name):
+        while self.catalog.name_taken(stored_as, name):
             n += 1
             name = f"{snapshot_name(when)}-{n}"
         manifest: dict[str, Any] = {
             "version": 1,
             "id": secrets.token_hex(16),
-            "guest": guest,
+            "guest": stored_as,
             "name": name,
             "time": format_time(when),
             "finished": format_time(datetime.now(UTC)),
