@@ -291,6 +291,7 @@ def test_errors_are_one_clear_line(lv: Vbfs, libvirtd: Libvirtd, domain: Domain)
 
     assert "no domain 'nosuch'" in error("backup", libvirtd.source("nosuch"))
     assert "not supported yet" in error("guests", "libvirt://kvmhost/system")
+    assert "not supported yet" in error("backup", "qemu+ssh://kvmhost/system/web01")
     assert "expected libvirt:///system" in error("guests", "libvirt:///nowhere")
     assert "cannot connect to libvirt" in error("guests", "libvirt:///system?socket=/nonexistent/sock")
     domain.dom.destroy()

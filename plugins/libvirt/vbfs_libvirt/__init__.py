@@ -565,6 +565,19 @@ class LibvirtHypervisor:
             self.conn.close()
 
 
+class RemoteLibvirtNotSupported:
+    """``qemu+ssh://host/system/dom``, libvirt's own remote URI: refused with a sentence until it is supported."""
+
+    scheme: ClassVar[str] = "qemu+ssh"
+
+    def __init__(self, url: SourceURL, options: Mapping[str, Any]):
+        raise NotSupported(
+            f"{url.raw}: remote libvirt hosts are not supported yet (the disks are read from the backup job's NBD "
+            "socket, which is local to the host); run vbfs on the KVM host with libvirt:///system/DOMAIN"
+        )
+
+
 @hookimpl
 def vbfs_register_hypervisors(registry: Registry) -> None:
     registry.add_hypervisor(LibvirtHypervisor.scheme, LibvirtHypervisor)
+    registry.add_hypervisor(RemoteLibvirtNotSupported.scheme, RemoteLibvirtNotSupported)
