@@ -8,6 +8,7 @@ import os
 import random
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -138,6 +139,40 @@ def make_domain(libvirtd: Libvirtd, tmp_path: Path) -> Iterator[Callable[..., Do
 @pytest.fixture
 def domain(make_domain: Callable[..., Domain]) -> Domain:
     return make_domain()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """An ssh server of the tests' own on a loopback port, accepting one generated key for root."""
+    if not shutil.which("sshd") and not Path("/usr/sbin/sshd").exists():
+        pytest.skip("sshd comes with openssh-server (tools/setup installs it)")
+    d = tmp_path_factory.mktemp("sshd")
+    for key in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
+    shutil.copy(d / "client.pub", d / "authorized_keys")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (d / "sshd_config").write_text(
+        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "PermitRootLogin prohibit-password\nPasswordAuthentication no\nStrictModes no\nUsePAM no\n"
+        f"PidFile {d / 'sshd.pid'}\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege separation folder
+    proc = subprocess.Popen(["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(d / "log")])
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"sshd did not start: {(d / 'log').read_text()}")
+            time.sleep(0.05)
+        yield {"port": str(port), "key": str(d / "client")}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -290,8 +325,8 @@ def test_errors_are_one_clear_line(lv: Vbfs, libvirtd: Libvirtd, domain: Domain)
         return lines[0]
 
     assert "no domain 'nosuch'" in error("backup", libvirtd.source("nosuch"))
-    assert "not supported yet" in error("guests", "libvirt://kvmhost/system")
-    assert "not supported yet" in error("backup", "qemu+ssh://kvmhost/system/web01")
+    assert "for another host use qemu+ssh" in error("guests", "libvirt://kvmhost/system")
+    assert "cannot connect to libvirt" in error("backup", "qemu+ssh://root@127.0.0.1:1/system/web01?no_verify=1")
     assert "expected libvirt:///system" in error("guests", "libvirt:///nowhere")
     assert "cannot connect to libvirt" in error("guests", "libvirt:///system?socket=/nonexistent/sock")
     domain.dom.destroy()
@@ -338,3 +373,25 @@ def test_thaw_follows_freeze_when_the_backup_job_cannot_start(
     assert not d.backup_job_running()
     assert not any((closed / "run").iterdir()), "the socket folder is removed"
     assert json.loads(lv("snapshots", "--json").stdout) == []
+
+
+@pytest.mark.slow
+def test_remote_host_over_ssh(
+    lv: Vbfs, libvirtd: Libvirtd, domain: Domain, sshd: dict[str, str], tmp_path: Path
+) -> None:
+    """qemu+ssh: libvirt's own ssh transport for control, an ssh forward of the NBD socket for the bytes."""
+    remote_socket = libvirtd.dir / "run" / "libvirt-sock"
+    params = f"socket={remote_socket}&keyfile={sshd['key']}&no_verify=1&proxy=netcat"
+    source = f"qemu+ssh://root@127.0.0.1:{sshd['port']}/system/{domain.name}?{params}"
+    rows = json.loads(lv("guests", "--json", source.replace(f"/{domain.name}?", "?")).stdout)
+    assert domain.name in [r["name"] for r in rows]
+    full = backup(lv, source)
+    assert full["stats"]["read_bytes"] > 0
+    written = scattered_writes(domain, 8, seed=4)
+    inc = backup(lv, source)
+    assert inc["stats"]["read_bytes"] == written, "an incremental over ssh reads only the dirty extents"
+    assert restored_equals(lv, domain, tmp_path)
+    assert not domain.backup_job_running()
+    assert not any((libvirtd.dir / "vbfs-run").glob(f"{domain.name}-*")), "the remote socket folder is removed"
+    forwards = subprocess.run(["pgrep", "-f", "ssh .*-N .*nbd.sock"], capture_output=True, text=True).stdout
+    assert not forwards.strip(), "no ssh forward is left running"

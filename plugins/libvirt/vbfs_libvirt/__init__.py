@@ -1,7 +1,9 @@
 """The ``libvirt`` source: backups of running KVM/QEMU domains through libvirt's backup API (pull mode).
 
 ``libvirt:///system`` lists the domains of the local system libvirt (``?socket=/path`` picks another daemon socket,
-as in libvirt's own URIs); ``libvirt:///system/web01`` names one domain.
+as in libvirt's own URIs); ``libvirt:///system/web01`` names one domain. ``qemu+ssh://user@host/system/web01``
+(libvirt's own remote URI and parameters) backs up a domain of another host: libvirt's ssh transport carries the
+API calls, and the disks are read through an ssh forward of the job's NBD socket (:mod:`vbfs_libvirt.hosts`).
 
 One backup of a domain:
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shutil
 import sys
 import time
 import xml.etree.ElementTree as ET
@@ -48,6 +49,7 @@ from vbfs.sources import (
     GuestInfo,
     SourceURL,
 )
+from vbfs_libvirt.hosts import Host, LocalHost, SshHost
 from vbfs_libvirt.nbd import BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO, NbdClient
 
 __version__ = "0.1.0"
@@ -269,25 +271,36 @@ class LibvirtHypervisor:
     """A connection to one libvirt daemon."""
 
     scheme: ClassVar[str] = "libvirt"
+    remote: ClassVar[bool] = False
 
     def __init__(self, url: SourceURL, options: Mapping[str, Any]):
-        if url.host:
-            raise NotSupported(
-                f"{url.raw}: libvirt on another host is not supported yet (the disks are read from the backup job's "
-                "NBD socket, which is local to the host); run vbfs on the KVM host"
-            )
         parts = [p for p in url.path.split("/") if p]
         if not parts or parts[0] not in ("system", "session"):
-            raise LibvirtError(f"{url.raw}: expected libvirt:///system[/DOMAIN] or libvirt:///session[/DOMAIN]")
+            raise LibvirtError(
+                f"{url.raw}: expected {self.scheme}://{'HOST' if self.remote else ''}/system[/DOMAIN] "
+                f"or {self.scheme}://{'HOST' if self.remote else ''}/session[/DOMAIN]"
+            )
         if len(parts) > 2:
             raise LibvirtError(f"{url.raw}: a domain name has no '/'")
         query = urlsplit(url.raw).query
-        self.uri = f"qemu:///{parts[0]}" + (f"?{query}" if query else "")
+        params = dict(parse_qsl(query))
         self.domain_name = parts[1] if len(parts) == 2 else None
         self.run_dir = Path(str(options.get("run_dir") or os.environ.get("VBFS_RUN_DIR") or RUN_DIR))
-        for key, _ in parse_qsl(query):
-            if key not in ("socket",):
-                raise LibvirtError(f"{url.raw}: unknown URI parameter {key!r}")
+        self.hosts: Host
+        if self.remote:
+            if not url.host:
+                raise LibvirtError(f"{url.raw}: name the KVM host: qemu+ssh://user@host/system/DOMAIN")
+            where = f"{url.user + '@' if url.user else ''}{url.host}{':' + str(url.port) if url.port else ''}"
+            self.uri = f"qemu+ssh://{where}/{parts[0]}" + (f"?{query}" if query else "")
+            self.hosts = SshHost(url.user, url.host, url.port, params)
+        else:
+            if url.host:
+                raise LibvirtError(f"{url.raw}: for another host use qemu+ssh://user@{url.host}/system/DOMAIN")
+            unknown = sorted(set(params) - {"socket"})
+            if unknown:
+                raise LibvirtError(f"{url.raw}: unknown URI parameter {unknown[0]!r}")
+            self.uri = f"qemu:///{parts[0]}" + (f"?{query}" if query else "")
+            self.hosts = LocalHost()
         lv = _libvirt()
         try:
             self.conn = lv.open(self.uri)
@@ -361,10 +374,10 @@ class LibvirtHypervisor:
                 dom.abortJob()
             removed.append(f"ended the backup job of {guest} left by killed vbfs process {owner}")
         live_runs = False
-        for folder in self.run_dir.glob(f"{guest}-*-*") if self.run_dir.is_dir() else []:
+        for folder in self.hosts.folders(self.run_dir, f"{guest}-"):
             owner = self._run_dir_owner(folder)
             if owner is not None and not _pid_is_vbfs(owner):
-                shutil.rmtree(folder, ignore_errors=True)
+                self.hosts.remove_folder(folder)
             elif owner is not None and owner != os.getpid():
                 live_runs = True
         # A vbfs run killed between freeze and thaw leaves the guest frozen: thaw it, unless a run is under way.
@@ -407,13 +420,8 @@ class LibvirtHypervisor:
     # ---- the backup job ------------------------------------------------------------------------------------------
 
     def _socket_folder(self, dom: Any, xml: str) -> Path:
-        self.run_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         folder = self.run_dir / f"{dom.name()}-{os.getpid()}-{secrets.token_hex(4)}"
-        folder.mkdir(mode=0o700)
-        owner = _qemu_owner(xml)
-        if owner is not None and os.geteuid() == 0:
-            os.chown(folder, owner[0], os.getgid())  # QEMU creates the socket and the scratch files here
-            folder.chmod(0o770)
+        self.hosts.make_folder(folder, _qemu_owner(xml))  # QEMU creates the socket and the scratch files there
         return folder
 
     def _begin(self, dom: Any, folder: Path, disks: list[DomainDisk], checkpoint: str, since: str | None) -> None:
@@ -523,25 +531,28 @@ class LibvirtHypervisor:
                 if frozen:
                     self._thaw(dom, facts, frozen_at)
         except lv.libvirtError as exc:
-            shutil.rmtree(folder, ignore_errors=True)
+            self.hosts.remove_folder(folder)
             raise LibvirtError(f"cannot start a backup of {guest}: {_message(exc)}") from None
         except BaseException:
-            shutil.rmtree(folder, ignore_errors=True)
+            self.hosts.remove_folder(folder)
             raise
         assert started
-        job = self._job(dom, folder, name, start_from, disks)
         snap: LibvirtSnapshot | None = None
         completed = False
         try:
-            snap = LibvirtSnapshot(self, dom, job, facts, FILESYSTEM_CONSISTENT if frozen else CRASH_CONSISTENT)
-            yield snap
-            completed = True
+            job = self._job(dom, folder, name, start_from, disks)
+            with self.hosts.reach(job.socket) as local_socket:
+                job.socket = local_socket
+                snap = LibvirtSnapshot(self, dom, job, facts, FILESYSTEM_CONSISTENT if frozen else CRASH_CONSISTENT)
+                try:
+                    yield snap
+                    completed = True
+                finally:
+                    snap.close()
         finally:
-            if snap is not None:
-                snap.close()
             with contextlib.suppress(lv.libvirtError):
                 dom.abortJob()
-            shutil.rmtree(folder, ignore_errors=True)
+            self.hosts.remove_folder(folder)
             if not completed:  # no manifest will name this checkpoint: do not leave it in the chain
                 with contextlib.suppress(lv.libvirtError):
                     self._delete_checkpoint(dom.checkpointLookupByName(name))
@@ -565,19 +576,14 @@ class LibvirtHypervisor:
             self.conn.close()
 
 
-class RemoteLibvirtNotSupported:
-    """``qemu+ssh://host/system/dom``, libvirt's own remote URI: refused with a sentence until it is supported."""
+class RemoteLibvirtHypervisor(LibvirtHypervisor):
+    """``qemu+ssh://user@host/system/DOMAIN``: libvirt on another host, its disks read through an ssh forward."""
 
     scheme: ClassVar[str] = "qemu+ssh"
-
-    def __init__(self, url: SourceURL, options: Mapping[str, Any]):
-        raise NotSupported(
-            f"{url.raw}: remote libvirt hosts are not supported yet (the disks are read from the backup job's NBD "
-            "socket, which is local to the host); run vbfs on the KVM host with libvirt:///system/DOMAIN"
-        )
+    remote: ClassVar[bool] = True
 
 
 @hookimpl
 def vbfs_register_hypervisors(registry: Registry) -> None:
     registry.add_hypervisor(LibvirtHypervisor.scheme, LibvirtHypervisor)
-    registry.add_hypervisor(RemoteLibvirtNotSupported.scheme, RemoteLibvirtNotSupported)
+    registry.add_hypervisor(RemoteLibvirtHypervisor.scheme, RemoteLibvirtHypervisor)
