@@ -375,6 +375,8 @@ class LibvirtHypervisor:
             removed.append(f"ended the backup job of {guest} left by killed vbfs process {owner}")
         live_runs = False
         for folder in self.hosts.folders(self.run_dir, f"{guest}-"):
+            if folder.name.rsplit("-", 2)[0] != guest:
+                continue  # another domain whose name starts like this one's
             owner = self._run_dir_owner(folder)
             if owner is not None and not _pid_is_vbfs(owner):
                 self.hosts.remove_folder(folder)
