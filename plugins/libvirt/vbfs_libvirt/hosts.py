@@ -101,7 +101,7 @@ class SshHost:
 
     def folders(self, run_dir: Path, prefix: str) -> list[Path]:
         out = self.run(f"ls -1 {shlex.quote(str(run_dir))} 2>/dev/null || true")
-        return sorted(run_dir / name for name in out.split() if name.startswith(prefix))
+        return sorted(run_dir / name for name in out.splitlines() if name.startswith(prefix))
 
     @contextmanager
     def reach(self, socket: Path) -> Iterator[Path]:
