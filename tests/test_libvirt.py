@@ -23,7 +23,6 @@ from vbfs.testing.images import gpt_ext4, write_tree
 
 libvirt = pytest.importorskip("libvirt")
 from vbfs.testing.guest import build as build_guest  # noqa: E402
-from vbfs.testing.guest import guest_domain_xml  # noqa: E402
 from vbfs.testing.libvirtd import Libvirtd, domain_xml, kvm_usable, write_through_qemu  # noqa: E402
 
 BLOCK = 64 * 1024  # the dirty-bitmap granularity of a qcow2 disk with 64 KiB clusters
@@ -69,7 +68,8 @@ class Domain:
         self.conn = libvirt.open(daemon.uri)
         if agent:
             kernel, initrd = (shutil.copy(p, work) for p in build_guest(Path(sys.prefix) / "guest"))
-            xml = guest_domain_xml(self.name, self.disk, Path(kernel), Path(initrd), work / "console.log", kvm=False)
+            boot = (Path(kernel), Path(initrd), work / "console.log")
+            xml = domain_xml(self.name, self.disk, kvm=False, agent=True, memory_mib=256, boot=boot)
         else:
             xml = domain_xml(self.name, self.disk, kvm_usable())
         self.dom = self.conn.defineXML(xml)

@@ -86,6 +86,16 @@ class SourceURL:
         )
 
 
+def vbfs_process_alive(pid: int) -> bool:
+    """Whether ``pid`` on this machine is a running vbfs process: plugins use it to tell a snapshot, job or folder
+    that a live run is using from one that a killed run left behind."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"vbfs" in f.read()
+    except OSError:
+        return False
+
+
 class GuestSnapshot(Protocol):
     """A point-in-time view of one guest's disks, valid inside :meth:`Hypervisor.snapshot`."""
 

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import GiB, MiB, Run, drop_caches, du, scatter_changes, timed, write_json
+from common import GiB, MiB, Run, drop_caches, du, run_borg, scatter_changes, timed, write_json
 
 from vbfs.testing.images import gpt_ext4
 
@@ -59,17 +59,6 @@ def run_vbfs(vbfs: str, repo: Path, image: Path, step: str, chunk_mib: int = 1, 
     return Run(tool, step, secs, rss, du(repo), stats["read_bytes"])
 
 
-def run_borg(repo: Path, image: Path, step: str) -> Run:
-    env = dict(os.environ, BORG_PASSPHRASE=PASS, BORG_BASE_DIR=str(repo.parent / "borg-base"))
-    if step == "first":
-        subprocess.run(["borg", "init", "-e", "repokey-blake2", str(repo)], env=env, check=True, capture_output=True)
-    drop_caches()
-    secs, rss, _ = timed(
-        ["borg", "create", "--chunker-params", "fixed,4194304", "-C", "zstd,3", f"{repo}::{step}", str(image)], env
-    )
-    return Run("borg", step, secs, rss, du(repo))
-
-
 def run_restic(repo: Path, image: Path, step: str) -> Run:
     env = dict(os.environ, RESTIC_PASSWORD=PASS, RESTIC_CACHE_DIR=str(repo.parent / "restic-cache"))
     if step == "first":
@@ -101,7 +90,7 @@ def main() -> None:
     pristine = build_image(work, 4 * GiB, int(args.data_gib * 1e9), "disk4g.raw")
     image = work / "disk4g-work.raw"
     subprocess.run(["cp", "--sparse=always", str(pristine), str(image)], check=True)
-    repos = ["vbfs-repo", "borg-repo", "restic-repo", "cache", "borg-base", "restic-cache"]
+    repos = ["vbfs-repo", "borg-repo", "restic-repo", "cache", "borg-repo-base", "restic-cache"]
     repos += [f"vbfs-{c}m-repo" for c in args.chunk_sweep] + ["vbfs-noindex-repo"]
     for d in repos:
         shutil.rmtree(work / d, ignore_errors=True)
@@ -113,7 +102,7 @@ def main() -> None:
         n = len(runs)
         runs.append(run_vbfs(vbfs, work / "vbfs-repo", image, step))
         runs.append(run_vbfs(vbfs, work / "vbfs-noindex-repo", image, step, index=False))
-        runs.append(run_borg(work / "borg-repo", image, step))
+        runs.append(run_borg(work / "borg-repo", image, step, step == "first", PASS))
         runs.append(run_restic(work / "restic-repo", image, step))
         for c in args.chunk_sweep:
             runs.append(run_vbfs(vbfs, work / f"vbfs-{c}m-repo", image, step, c, index=False))

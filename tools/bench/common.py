@@ -93,5 +93,17 @@ def scatter_changes(image: Path, start: int, end: int, total: int, block: int = 
     return n * block
 
 
+def run_borg(repo: Path, image: Path, step: str, init: bool, passphrase: str) -> Run:
+    """borg's backup of ``image`` as these benchmarks run it (fixed 4 MiB chunks, zstd 3, repokey-blake2), cold;
+    ``read_bytes`` is the archive's original size: borg reads the whole file every time."""
+    env = dict(os.environ, BORG_PASSPHRASE=passphrase, BORG_BASE_DIR=f"{repo}-base")
+    if init:
+        subprocess.run(["borg", "init", "-e", "repokey-blake2", str(repo)], env=env, check=True, capture_output=True)
+    drop_caches()
+    argv = ["borg", "create", "--json", "--chunker-params", "fixed,4194304", "-C", "zstd,3", f"{repo}::{step}"]
+    secs, rss, out = timed([*argv, str(image)], env)
+    return Run("borg", step, secs, rss, du(repo), int(json.loads(out)["archive"]["stats"]["original_size"]))
+
+
 def write_json(path: Path, runs: list[Run], extra: dict[str, object]) -> None:
     path.write_text(json.dumps({"runs": [r.__dict__ for r in runs], **extra}, indent=2) + "\n")

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backup import PASS, build_image
-from common import GiB, MiB, Run, drop_caches, du, timed, write_json
+from common import GiB, MiB, Run, drop_caches, du, run_borg, timed, write_json
 
 from vbfs.testing.libvirtd import Libvirtd, domain_xml, kvm_usable, write_through_qemu
 
@@ -54,16 +54,6 @@ def run_virtnbdbackup(uri: str, domain: str, out: Path, step: str) -> Run:
     return Run("virtnbdbackup", step, secs, rss, size, size - before)
 
 
-def run_borg(repo: Path, image: Path, step: str) -> Run:
-    env = dict(os.environ, BORG_PASSPHRASE=PASS, BORG_BASE_DIR=str(repo.parent / "kvm-borg-base"))
-    if step == "full":
-        subprocess.run(["borg", "init", "-e", "repokey-blake2", str(repo)], env=env, check=True, capture_output=True)
-    drop_caches()
-    argv = ["borg", "create", "--json", "--chunker-params", "fixed,4194304", "-C", "zstd,3", f"{repo}::{step}"]
-    secs, rss, out = timed([*argv, str(image)], env)
-    return Run("borg", step, secs, rss, du(repo), int(json.loads(out)["archive"]["stats"]["original_size"]))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workdir", type=Path, default=Path("bench-work"))
@@ -77,7 +67,7 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install borgbackup virtnbdbackup)")
     raw = build_image(work, 4 * GiB, int(args.data_gib * 1e9), "disk4g.raw")
-    for d in ("kvm-vbfs-repo", "kvm-borg-repo", "kvm-virtnbd", "kvm-cache", "kvm-borg-base"):
+    for d in ("kvm-vbfs-repo", "kvm-borg-repo", "kvm-virtnbd", "kvm-cache", "kvm-borg-repo-base"):
         shutil.rmtree(work / d, ignore_errors=True)
     daemon = Libvirtd()
     import libvirt
@@ -106,7 +96,7 @@ def main() -> None:
                         write_through_qemu(dom, "vda", slot * BLOCK, 0x40 + i % 64, BLOCK)
             runs.append(run_vbfs(vbfs, work / "kvm-vbfs-repo", source, step, run_dir))
             runs.append(run_virtnbdbackup(daemon.uri, "bench-virtnbd", work / "kvm-virtnbd", step))
-            runs.append(run_borg(work / "kvm-borg-repo", images / "bench-vbfs.qcow2", step))
+            runs.append(run_borg(work / "kvm-borg-repo", images / "bench-vbfs.qcow2", step, step == "full", PASS))
             for r in runs[-3:]:
                 print(f"{r.tool:14} {r.step:12} {r.seconds:7.1f} s {r.read_bytes}", file=sys.stderr)
     finally:

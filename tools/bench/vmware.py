@@ -25,7 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from backup import PASS, build_image
-from common import GiB, MiB, Run, drop_caches, du, timed, write_json
+from common import GiB, MiB, Run, drop_caches, du, run_borg, timed, write_json
 
 from vbfs.testing.vcsim import VCenterSimulator
 
@@ -67,17 +67,6 @@ def run_vbfs(vbfs: str, repo: Path, sim: VCenterSimulator, vm: str, step: str) -
     return Run("vbfs", step, secs, rss, du(repo), manifest["stats"]["read_bytes"]), {"served": served, **manifest}
 
 
-def run_borg(repo: Path, image: Path, step: str) -> Run:
-    env = dict(os.environ, BORG_PASSPHRASE=PASS, BORG_BASE_DIR=str(repo.parent / "borg-base"))
-    if step == "first":
-        subprocess.run(["borg", "init", "-e", "repokey-blake2", str(repo)], env=env, check=True, capture_output=True)
-    drop_caches()
-    argv = ["borg", "create", "--json", "--chunker-params", "fixed,4194304", "-C", "zstd,3", f"{repo}::{step}"]
-    secs, rss, out = timed([*argv, str(image)], env)
-    original = int(json.loads(out)["archive"]["stats"]["original_size"])
-    return Run("borg", step, secs, rss, du(repo), original)
-
-
 def change_id_of(vbfs: str, repo: Path, vm: str, work: Path) -> str:
     env = dict(os.environ, VBFS_PASSPHRASE=PASS, XDG_CACHE_HOME=str(repo.parent / "cache"))
     target = work / "vm.json"
@@ -101,7 +90,7 @@ def main() -> None:
     if not exe.exists():
         sys.exit("the vCenter simulator is not built: run tools/setup")
     image = build_image(work, 4 * GiB, int(args.data_gib * 1e9), "disk4g.raw")
-    for d in ("vmw-vbfs-repo", "vmw-borg-repo", "cache", "borg-base"):
+    for d in ("vmw-vbfs-repo", "vmw-borg-repo", "cache", "vmw-borg-repo-base"):
         shutil.rmtree(work / d, ignore_errors=True)
     vm = "DC0_H0_VM0"
     sim = VCenterSimulator(exe)
@@ -114,7 +103,7 @@ def main() -> None:
         r, info = run_vbfs(vbfs, work / "vmw-vbfs-repo", sim, vm, "first")
         runs.append(r)
         served["first"] = info["served"]
-        runs.append(run_borg(work / "vmw-borg-repo", flat, "first"))
+        runs.append(run_borg(work / "vmw-borg-repo", flat, "first", True, PASS))
         for seed, (step, run) in enumerate(patterns.items(), start=1):
             change_id = change_id_of(vbfs, work / "vmw-vbfs-repo", vm, work)
             areas = scatter(flat, args.changed_mib * MiB, run, seed)
@@ -125,7 +114,7 @@ def main() -> None:
                 sys.exit(f"the incremental was not incremental: {info['notes']}")
             runs.append(r)
             served[step] = info["served"]
-            runs.append(run_borg(work / "vmw-borg-repo", flat, step))
+            runs.append(run_borg(work / "vmw-borg-repo", flat, step, step == "first", PASS))
         extra: dict[str, object] = {
             "image_bytes": flat.stat().st_size,
             "image_allocated": flat.stat().st_blocks * 512,

@@ -5,7 +5,7 @@
 with its libraries, and writes ``DEST/vmlinuz`` and ``DEST/initrd.gz``. The guest's init loads the virtio
 modules, mounts the first partition of ``vda`` (ext4) on /mnt, and runs ``qemu-ga`` on the
 ``org.qemu.guest_agent.0`` virtio-serial port, so ``guest-fsfreeze-freeze`` really freezes that filesystem.
-Boot it with the kernel and initrd given directly (``<kernel>``, ``<initrd>``; ``console=ttyS0``).
+Boot it with ``vbfs.testing.libvirtd.domain_xml(..., agent=True, boot=(kernel, initrd, console_log))``.
 """
 
 from __future__ import annotations
@@ -134,33 +134,6 @@ def build(dest: Path) -> tuple[Path, Path]:
         with gzip.open(initrd, "wb", compresslevel=6) as f:
             f.write(_cpio_newc(root))
     return kernel, initrd
-
-
-def guest_domain_xml(name: str, disk: Path, kernel: Path, initrd: Path, console: Path, kvm: bool) -> str:
-    """A domain that boots the agent guest from ``kernel``/``initrd`` with ``disk`` as ``vda``."""
-    return f"""<domain type='{"kvm" if kvm else "qemu"}'>
-  <name>{name}</name>
-  <memory unit='MiB'>256</memory>
-  <vcpu>1</vcpu>
-  <os>
-    <type arch='x86_64' machine='pc'>hvm</type>
-    <kernel>{kernel}</kernel>
-    <initrd>{initrd}</initrd>
-    <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
-  </os>
-  <on_reboot>destroy</on_reboot>
-  <devices>
-    <disk type='file' device='disk'>
-      <driver name='qemu' type='qcow2'/>
-      <source file='{disk}'/>
-      <target dev='vda' bus='virtio'/>
-    </disk>
-    <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <serial type='file'><source path='{console}'/><target port='0'/></serial>
-    <video><model type='none'/></video>
-    <memballoon model='none'/>
-  </devices>
-</domain>"""
 
 
 if __name__ == "__main__":

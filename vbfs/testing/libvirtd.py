@@ -123,14 +123,31 @@ def _connectable(path: str) -> bool:
         s.close()
 
 
-def domain_xml(name: str, disk: Path, kvm: bool, agent: bool = False, memory_mib: int = 128) -> str:
-    """A domain with no OS and one virtio qcow2 disk ``vda`` (and a guest agent channel with ``agent``)."""
+def domain_xml(
+    name: str,
+    disk: Path,
+    kvm: bool,
+    agent: bool = False,
+    memory_mib: int = 128,
+    boot: tuple[Path, Path, Path] | None = None,
+) -> str:
+    """A domain with one virtio qcow2 disk ``vda``: no OS, or with ``boot`` = (kernel, initrd, console log) a
+    kernel booted directly with its serial console in a file; ``agent`` adds a guest agent channel."""
     channel = "<channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>" if agent else ""
+    os_xml = "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
+    serial = ""
+    if boot is not None:
+        kernel, initrd, console = boot
+        os_xml = (
+            f"<os><type arch='x86_64' machine='pc'>hvm</type><kernel>{kernel}</kernel><initrd>{initrd}</initrd>"
+            "<cmdline>console=ttyS0 panic=-1 quiet</cmdline></os><on_reboot>destroy</on_reboot>"
+        )
+        serial = f"<serial type='file'><source path='{console}'/><target port='0'/></serial>"
     return f"""<domain type='{"kvm" if kvm else "qemu"}'>
   <name>{name}</name>
   <memory unit='MiB'>{memory_mib}</memory>
   <vcpu>1</vcpu>
-  <os><type arch='x86_64' machine='pc'>hvm</type></os>
+  {os_xml}
   <devices>
     <disk type='file' device='disk'>
       <driver name='qemu' type='qcow2'/>
@@ -138,6 +155,7 @@ def domain_xml(name: str, disk: Path, kvm: bool, agent: bool = False, memory_mib
       <target dev='vda' bus='virtio'/>
     </disk>
     {channel}
+    {serial}
     <video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>

@@ -48,6 +48,7 @@ from vbfs.sources import (
     Extent,
     GuestInfo,
     SourceURL,
+    vbfs_process_alive,
 )
 from vbfs_libvirt.hosts import Host, LocalHost, SshHost
 from vbfs_libvirt.nbd import BASE_ALLOCATION, STATE_DIRTY, STATE_ZERO, NbdClient
@@ -140,14 +141,6 @@ def _qemu_owner(xml: str) -> tuple[int, int] | None:
             if uid.isdigit() and gid.isdigit():
                 return int(uid), int(gid)
     return None
-
-
-def _pid_is_vbfs(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"vbfs" in f.read()
-    except OSError:
-        return False
 
 
 class LibvirtSnapshot:
@@ -368,7 +361,7 @@ class LibvirtHypervisor:
                 raise LibvirtError(
                     f"domain {guest} has a backup job that vbfs did not start (socket {socket_path}); end it first"
                 )
-            if _pid_is_vbfs(owner) and owner != os.getpid():
+            if vbfs_process_alive(owner) and owner != os.getpid():
                 raise LibvirtError(f"domain {guest} is being backed up by vbfs process {owner}")
             with contextlib.suppress(lv.libvirtError):
                 dom.abortJob()
@@ -378,7 +371,7 @@ class LibvirtHypervisor:
             if folder.name.rsplit("-", 2)[0] != guest:
                 continue  # another domain whose name starts like this one's
             owner = self._run_dir_owner(folder)
-            if owner is not None and not _pid_is_vbfs(owner):
+            if owner is not None and not vbfs_process_alive(owner):
                 self.hosts.remove_folder(folder)
             elif owner is not None and owner != os.getpid():
                 live_runs = True

@@ -44,6 +44,7 @@ from vbfs.sources import (
     Extent,
     GuestInfo,
     SourceURL,
+    vbfs_process_alive,
 )
 from vbfs_vmware.session import Session, VmwareError, fault_text
 from vbfs_vmware.transport import DatastoreFile, DatastoreHttp, Transport
@@ -103,14 +104,6 @@ def vm_disks(devices: list[Any]) -> list[tuple[DiskInfo, Any]]:
         }
         out.append((DiskInfo(name, size, details), d))
     return out
-
-
-def _alive_vbfs(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"vbfs" in f.read()
-    except OSError:
-        return False
 
 
 class VmwareSnapshot:
@@ -445,7 +438,7 @@ class VmwareHypervisor:
                 continue
             created = node.createTime.timestamp() if node.createTime else 0.0
             if owner.get("host") == socket.gethostname():
-                if _alive_vbfs(int(owner.get("pid", 0))) and int(owner.get("pid", 0)) != os.getpid():
+                if vbfs_process_alive(int(owner.get("pid", 0))) and int(owner.get("pid", 0)) != os.getpid():
                     continue  # another vbfs run on this machine is reading it
             elif time.time() - created < FOREIGN_LEFTOVER_AGE:
                 continue  # maybe still in use by a vbfs run on another machine
