@@ -135,6 +135,7 @@ def test_fast_ext4_inode_reader_agrees_with_dissect(tmp_path: Path) -> None:
                 fast = fs._fast_entry(int(n.inum), n.filename)
                 ino = n.inode
                 slow = _inode_entry(
+                    fs,
                     n,
                     n.filename,
                     mode=int(ino.i_mode),
@@ -239,8 +240,9 @@ def test_patched_chunks_read_back_and_cannot_pass_for_full_ones(tmp_path: Path, 
 
 def test_guest_names_that_cannot_be_folders_are_kept_under_a_safe_name() -> None:
     assert repository_name("web01") == "web01"
-    assert repository_name("web (old)") == "web _old_"
-    assert repository_name("db/primary") == "db_primary"
-    assert repository_name("..") == "_.."
-    assert repository_name("@home") == "_@home"
-    assert repository_name("") == "guest"
+    assert repository_name("web _old_") == "web _old_"
+    for name, readable in (("web (old)", "web _old_"), ("db/primary", "db_primary"), ("..", ".."), ("@home", "_@home")):
+        kept = repository_name(name)
+        assert kept.startswith(readable + "~") and len(kept) == len(readable) + 9, kept
+    assert repository_name("").startswith("guest~")
+    assert repository_name("db/primary") != repository_name("db\nprimary")

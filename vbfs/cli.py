@@ -25,7 +25,7 @@ import click
 from vbfs import __version__
 from vbfs.catalog import Catalog
 from vbfs.engine.progress import NoProgress, Progress
-from vbfs.errors import SourceError, VbfsError
+from vbfs.errors import IntegrityError, SourceError, VbfsError
 from vbfs.plugins import default_manager, registry
 from vbfs.sources import SourceURL
 from vbfs.store.cache import ChunkCache
@@ -111,6 +111,7 @@ class Ctx:
 
     def open_repo(self) -> Repository:
         repo = Repository.open(self.location(), passphrase_provider)
+        repo.warn = lambda message: click.echo(f"vbfs: warning: {message}", err=True)
         if repo.read_only:
             click.echo(
                 f"vbfs: note: {repo.location} is on read-only storage: reading without a lock, "
@@ -125,6 +126,9 @@ class Ctx:
         try:
             for w in cat.sync(repo):
                 click.echo(f"vbfs: warning: {w}", err=True)
+            for note in cat.notes:
+                click.echo(f"vbfs: warning: {note}", err=True)
+            cat.notes.clear()
             yield cat
         finally:
             cat.close()
@@ -149,12 +153,37 @@ class VbfsGroup(click.Group):
             fail(f"internal error: {type(exc).__name__}: {exc} (set VBFS_DEBUG=1 for a traceback)", 1)
 
 
+DEFAULT_UMASK = "0077"
+
+
+def apply_umask(text: str) -> None:
+    """Set the process umask from octal text: what vbfs creates (repository, catalog, cache, mount log) is private
+    unless the user asks otherwise: 0077 makes files 0600 and folders 0700."""
+    try:
+        mask = int(text, 8)
+    except ValueError:
+        mask = -1
+    if not 0 <= mask <= 0o777:
+        raise VbfsError(f"--umask {text!r} is not an octal umask from 0000 to 0777 (e.g. 0077 or 0027)")
+    os.umask(mask)
+
+
 @click.group(cls=VbfsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("-r", "--repo", envvar="VBFS_REPO", metavar="PATH", help="The repository (or set VBFS_REPO).")
+@click.option(
+    "--umask",
+    envvar="VBFS_UMASK",
+    default=DEFAULT_UMASK,
+    show_default=True,
+    metavar="OCTAL",
+    help="The umask of the files and folders vbfs creates (or set VBFS_UMASK); 0027: the group may read folders, "
+    "catalog and logs.",
+)
 @click.version_option(__version__, prog_name="vbfs")
 @click.pass_context
-def cli(ctx: click.Context, repo: str | None) -> None:
+def cli(ctx: click.Context, repo: str | None, umask: str) -> None:
     """vbfs: agentless backups of virtual machines into a deduplicated, mountable repository."""
+    apply_umask(umask)
     ctx.obj = Ctx(repo)
 
 
@@ -434,11 +463,16 @@ def ls(obj: Ctx, spec: str, json_out: bool) -> None:
         click.echo(f"{stat.filemode(k.attr.mode)} {owner:>11} {k.attr.size:>14} {when} {k.name}{suffix}")
 
 
+RESTORE_NOTES = 20  # notes printed one by one; the rest are counted
+
+
 @cli.command()
 @click.argument("spec")
 @click.argument("target", type=click.Path(path_type=Path))
+@click.option("--keep-setuid", is_flag=True, help="Keep the setuid and setgid bits of the guest's files.")
+@click.option("--devices", is_flag=True, help="Make the guest's device nodes (as root) and fifos.")
 @click.pass_obj
-def restore(obj: Ctx, spec: str, target: Path) -> None:
+def restore(obj: Ctx, spec: str, target: Path, keep_setuid: bool, devices: bool) -> None:
     """Restore GUEST@SNAPSHOT:/path (a disk image, a file, a folder) to TARGET; disks are written sparse."""
     if ":/" not in spec:
         raise VbfsError("restore needs a path: GUEST@SNAPSHOT:/disks/<disk>.img")
@@ -447,28 +481,61 @@ def restore(obj: Ctx, spec: str, target: Path) -> None:
     node = walk_path(snap, path)
     from vbfs.engine.restore import restore as run_restore
 
+    _stop_on_sigterm()  # a stopped restore removes its temporary folder, as on Ctrl-C
+    import logging
+
+    logging.getLogger("vbfs.guestfs").addHandler(logging.NullHandler())  # its notes are printed below, once
     with repo.lock_shared():
-        stats = run_restore(node, target, progress_for(False))
+        stats = run_restore(node, target, progress_for(False), keep_setuid=keep_setuid, devices=devices)
     click.echo(f"restored {stats.files} file(s), {human(stats.bytes)} read")
-    if stats.skipped:
-        click.echo(
-            f"vbfs: note: skipped {len(stats.skipped)} device node(s), fifo(s) or socket(s) of the guest, "
-            f"e.g. {stats.skipped[0]}",
-            err=True,
+    for note in stats.notes[:RESTORE_NOTES]:
+        click.echo(f"vbfs: note: {note}", err=True)
+    if len(stats.notes) > RESTORE_NOTES:
+        click.echo(f"vbfs: note: and {len(stats.notes) - RESTORE_NOTES} more note(s)", err=True)
+    for failure in stats.failed[:RESTORE_NOTES]:
+        click.echo(f"vbfs: damaged: {failure}", err=True)
+    if stats.failed:
+        raise IntegrityError(
+            f"{len(stats.failed)} guest file(s) or folder(s) could not be read and were not restored "
+            f"(the rest was){f', e.g. {stats.failed[0]}' if len(stats.failed) > RESTORE_NOTES else ''}"
         )
 
 
 @cli.command()
 @click.option("--verify-data", is_flag=True, help="Also read and verify every chunk.")
+@click.option(
+    "--acknowledge-missing",
+    metavar="ID|all",
+    help="Stop reporting a snapshot that disappeared without being forgotten (its id, or all of them).",
+)
 @click.option("--json", "json_out", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def check(obj: Ctx, verify_data: bool, json_out: bool) -> None:
-    """Check that every snapshot is whole; with --verify-data, that every chunk is intact."""
+def check(obj: Ctx, verify_data: bool, acknowledge_missing: str | None, json_out: bool) -> None:
+    """Check that every snapshot is whole; with --verify-data, that every chunk is intact.
+
+    Also reports snapshots that disappeared from the repository without being forgotten, and removes leftovers
+    of processes that are gone (temporary files, locks)."""
     from vbfs.engine.check import check as run_check
 
     repo = obj.open_repo()
     with repo.lock_shared():
-        report = run_check(repo, verify_data, progress_for(json_out))
+        cat = Catalog(repo.catalog_path())
+        try:
+            warnings = cat.sync(repo)
+            catalog_damage, cat.notes = cat.notes, []  # repaired, and an error of this check
+            if acknowledge_missing:
+                done = cat.acknowledge_vanished(acknowledge_missing)
+                if not done:
+                    raise VbfsError(f"no unacknowledged vanished snapshot matches {acknowledge_missing!r}")
+                for v in done:
+                    click.echo(f"vbfs: note: acknowledged that {v['guest']}@{v['name']} ({v['id']}) is gone", err=True)
+            for w in warnings:
+                if "disappeared from the repository" not in w:  # those are errors of the check below
+                    click.echo(f"vbfs: warning: {w}", err=True)
+            report = run_check(repo, verify_data, progress_for(json_out), cat)
+            report.errors += catalog_damage
+        finally:
+            cat.close()
     if json_out:
         click.echo(
             json.dumps(
@@ -479,11 +546,14 @@ def check(obj: Ctx, verify_data: bool, json_out: bool) -> None:
                     "chunks_verified": report.chunks_verified,
                     "errors": report.errors,
                     "warnings": report.warnings,
+                    "notes": report.notes,
                 },
                 indent=2,
             )
         )
     else:
+        for note in report.notes:
+            click.echo(f"vbfs: note: {note}", err=True)
         for w in report.warnings:
             click.echo(f"vbfs: warning: {w}", err=True)
         for e in report.errors:
@@ -636,7 +706,7 @@ def catalog_rebuild(obj: Ctx) -> None:
     repo = obj.open_repo()
     cat = Catalog(repo.catalog_path())
     try:
-        for w in cat.rebuild(repo):
+        for w in cat.rebuild(repo) + cat.notes:
             click.echo(f"vbfs: warning: {w}", err=True)
         n = len(cat.snapshots())
     finally:

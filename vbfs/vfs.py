@@ -21,10 +21,12 @@ Symlinks of the guest are shown as they are and are never followed by vbfs itsel
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
@@ -32,10 +34,12 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from vbfs.errors import PathNotFound, VbfsError
+from vbfs.guestfs.bounds import deadline_cap, parse_seconds
 from vbfs.guestfs.filesystems import BUILTIN as BUILTIN_FILESYSTEMS
-from vbfs.guestfs.model import GuestDataError, GuestEntry, GuestFS
+from vbfs.guestfs.model import GuestDataError, GuestEntry, GuestFS, VolumeBusy
 from vbfs.guestfs.stream import RangeReader
 from vbfs.guestfs.volumes import Volume, discover
+from vbfs.names import host_names
 from vbfs.store.cache import ChunkCache
 from vbfs.store.objects import DiskImage, StreamFile
 from vbfs.store.repository import ZERO_ID, Repository
@@ -53,6 +57,7 @@ class Attr:
     nlink: int = 1
     atime_ns: int | None = None
     ctime_ns: int | None = None
+    rdev: int = 0  # device number of a device node (os.makedev form)
 
     @property
     def is_dir(self) -> bool:
@@ -206,20 +211,48 @@ class LinkNode(Symlink):
 # ---- guest files -------------------------------------------------------------------------------------------------
 
 
+_NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _ns(value: int) -> int:
+    return min(max(value, _NS_MIN), _NS_MAX)
+
+
 def _guest_attr(e: GuestEntry) -> Attr:
-    return Attr(e.mode, e.size, e.mtime_ns, e.uid, e.gid, e.nlink, e.atime_ns, e.ctime_ns)
+    """Attributes as the guest has them, each clamped to what a stat structure carries."""
+    return Attr(
+        e.mode & 0xFFFFFFFF,
+        e.size,
+        _ns(e.mtime_ns),
+        e.uid & 0xFFFFFFFF,
+        e.gid & 0xFFFFFFFF,
+        min(max(e.nlink, 0), 0xFFFFFFFF),
+        _ns(e.atime_ns),
+        _ns(e.ctime_ns),
+        e.rdev,
+    )
 
 
-def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], parent_path: str = "") -> Node:
+def _bounded(lock: threading.Lock, where: str) -> None:
+    """Take a lock that guards one parse of guest data: its holder is bounded by a time budget, so is the wait."""
+    if not lock.acquire(timeout=2 * parse_seconds() + 1):
+        raise VolumeBusy(f"{where}: busy (another request has been reading it for too long)")
+
+
+def guest_node(
+    fs: GuestFS,
+    entry: GuestEntry,
+    base_key: tuple[Hashable, ...],
+    parent_path: str = "",
+    parent: GuestDirNode | None = None,
+) -> Node:
     key = (*base_key, entry.ino)
     path = f"{parent_path}/{entry.name}"
     node: Node
     if entry.is_dir:
-        node = GuestDirNode(fs, entry, base_key, path)
+        node = GuestDirNode(fs, entry, base_key, path, parent)
     elif entry.is_symlink:
-        node = LinkNode(entry.name, key, entry.target or "", entry.mtime_ns)
-        node.attr = _guest_attr(entry)
-        node.from_guest = True
+        node = GuestLinkNode(fs, entry, key)
     else:
         node = GuestFileNode(fs, entry, key)
     node._where = f"{fs.label}:{path}"
@@ -227,27 +260,90 @@ def guest_node(fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], p
 
 
 class GuestDirNode(MappedDir):
+    """A guest's folder. Its key is its place in the tree (a folder has one place; a damaged filesystem may
+    list one folder inode at several, and the kernel must never see one folder inode in two places); a folder
+    whose inode is one of its own ancestors' is left out with a note (a loop)."""
+
     from_guest = True
 
-    def __init__(self, fs: GuestFS, entry: GuestEntry, base_key: tuple[Hashable, ...], path: str = ""):
+    def __init__(
+        self,
+        fs: GuestFS,
+        entry: GuestEntry,
+        base_key: tuple[Hashable, ...],
+        path: str = "",
+        parent: GuestDirNode | None = None,
+    ):
         self.fs = fs
         self.entry = entry
         self.name = entry.name
         self.path = path
+        self.parent = parent
         self._where = f"{fs.label}:{path or '/'}"
         self.base_key = base_key
-        self.key = (*base_key, entry.ino)
+        self.key = (*base_key, "dir", path)
         self.attr = _guest_attr(entry)
         self._kids: dict[str, Node] | None = None
+        self._error: GuestDataError | None = None  # a damaged folder stays damaged: it is parsed once
         self._lock = threading.Lock()
 
+    def _is_ancestor(self, ino: int) -> bool:
+        node: GuestDirNode | None = self
+        while node is not None:
+            if node.entry.ino == ino:
+                return True
+            node = node.parent
+        return False
+
     def _load(self) -> dict[str, Node]:
-        with self._lock:
+        _bounded(self._lock, self.where)
+        try:
+            if self._error is not None:
+                raise self._error
             if self._kids is None:
-                self._kids = {
-                    e.name: guest_node(self.fs, e, self.base_key, self.path) for e in self.fs.listdir(self.entry)
-                }
+                try:
+                    entries = self.fs.listdir(self.entry)
+                except VolumeBusy:
+                    raise
+                except GuestDataError as exc:
+                    self._error = exc
+                    raise
+                names, notes = host_names([e.name for e in entries])
+                for note in notes:
+                    self.fs.note(f"{self.path or '/'}: {note}")
+                kids: dict[str, Node] = {}
+                for e, name in zip(entries, names, strict=True):
+                    if e.is_dir and self._is_ancestor(e.ino):
+                        self.fs.note(
+                            f"{self.path}/{name}: left out: the folder is one of its own parent folders (a loop)"
+                        )
+                        continue
+                    if name != e.name:
+                        e = dataclasses.replace(e, name=name)
+                    kids[name] = guest_node(self.fs, e, self.base_key, self.path, self)
+                self._kids = kids
             return self._kids
+        finally:
+            self._lock.release()
+
+
+class GuestLinkNode(Symlink):
+    """A guest's symlink; one whose target could not be read safely is an error to read, not an empty link."""
+
+    from_guest = True
+
+    def __init__(self, fs: GuestFS, entry: GuestEntry, key: Hashable):
+        self.fs = fs
+        self.entry = entry
+        self.name = entry.name
+        self.key = key
+        self.attr = _guest_attr(entry)
+
+    @property
+    def target(self) -> str:  # type: ignore[override]
+        if self.entry.damage or self.entry.target is None:
+            raise GuestDataError(f"{self.where}: damaged {self.fs.fstype} symlink ({self.entry.damage})")
+        return self.entry.target
 
 
 class GuestFileNode(File):
@@ -255,6 +351,7 @@ class GuestFileNode(File):
 
     from_guest = True
     __slots__ = ("_where", "entry", "fs", "key", "name")
+    PIECE = 4 * 1024 * 1024  # the largest range ``data_extents`` gives
 
     def __init__(self, fs: GuestFS, entry: GuestEntry, key: Hashable):
         self.fs = fs
@@ -268,9 +365,23 @@ class GuestFileNode(File):
         return _guest_attr(self.entry)
 
     def read(self, offset: int, length: int) -> bytes:
-        if offset >= self.attr.size:
+        if offset >= self.entry.size and not self.entry.damage:
             return b""
         return self.fs.read(self.entry, offset, length)
+
+    def data_extents(self) -> Iterator[tuple[int, int]] | None:
+        """The ranges of the file that the guest stored (holes left out), in pieces of at most ``PIECE``."""
+        if not self.entry.is_file:
+            return None
+        ranges = self.fs.data_extents(self.entry)
+        if ranges is None:
+            return None
+        return (
+            (pos, min(self.PIECE, end - pos))
+            for off, n in ranges
+            for end in (off + n,)
+            for pos in range(off, end, self.PIECE)
+        )
 
 
 class VolumeRoot(GuestDirNode):
@@ -492,15 +603,28 @@ class LazyVolumeRoot(Dir):
         self.key = (snap.id, "files", disk, volume.name)
         self._mtime_ns = mtime_ns
         self._root: VolumeRoot | None = None
+        self._error: GuestDataError | None = None  # a volume that cannot be opened is tried once
         self._lock = threading.Lock()
 
     def real(self) -> VolumeRoot:
-        with self._lock:
+        _bounded(self._lock, self.snap.label(self.disk, self.volume.name))
+        try:
+            if self._error is not None:
+                raise self._error
             if self._root is None:
-                fs = self.snap.open_fs(self.disk, self.volume)
-                self._root = VolumeRoot(fs, self.volume, (self.snap.id, self.disk, self.volume.name))
-                self._root.key = self.key
+                try:
+                    fs = self.snap.open_fs(self.disk, self.volume)
+                    root = VolumeRoot(fs, self.volume, (self.snap.id, self.disk, self.volume.name))
+                except VolumeBusy:
+                    raise
+                except GuestDataError as exc:
+                    self._error = exc
+                    raise
+                root.key = self.key
+                self._root = root
             return self._root
+        finally:
+            self._lock.release()
 
     @property
     def attr(self) -> Attr:  # type: ignore[override]
@@ -643,11 +767,41 @@ def walk_path(node: Node, path: str) -> Node:
     return node
 
 
-def iter_tree(node: Node, prefix: str = "") -> Iterator[tuple[str, Node]]:
-    """Every node below ``node`` (depth first, parents before children), with its path relative to ``node``."""
-    if isinstance(node, Dir):
-        for child in sorted(node.children(), key=lambda n: n.name):
-            path = f"{prefix}/{child.name}" if prefix else child.name
+def iter_tree(
+    node: Node,
+    prefix: str = "",
+    seconds: float | None = None,
+    on_error: Callable[[str, VbfsError], None] | None = None,
+) -> Iterator[tuple[str, Node]]:
+    """Every node below ``node`` (depth first, parents before children), with its path relative to ``node``.
+
+    With ``seconds``, the walk and every parser call in it end within that many seconds (a :class:`GuestDataError`
+    then says where it stopped). With ``on_error``, a folder that cannot be listed is reported to it and the walk
+    goes on with the rest. The walk keeps a stack, not a recursion: a deep tree cannot overflow it.
+    """
+    deadline = None if seconds is None else time.monotonic() + seconds
+    stack: list[tuple[str, Node]] = [(prefix, node)]
+    while stack:
+        here, parent = stack.pop()
+        if not isinstance(parent, Dir):
+            continue
+        try:
+            if deadline is not None:
+                if time.monotonic() > deadline:
+                    raise GuestDataError(f"{parent.where}: walk stopped after {seconds:g} s")
+                with deadline_cap(deadline):
+                    kids = parent.children()
+            else:
+                kids = parent.children()
+        except VbfsError as exc:
+            if on_error is None or (deadline is not None and time.monotonic() > deadline):
+                raise
+            on_error(here or parent.name, exc)
+            continue
+        below = []
+        for child in sorted(kids, key=lambda n: n.name):
+            path = f"{here}/{child.name}" if here else child.name
             yield path, child
             if isinstance(child, Dir):
-                yield from iter_tree(child, path)
+                below.append((path, child))
+        stack.extend(reversed(below))

@@ -3,22 +3,37 @@
 The manifests are the truth; the catalog is derived from them and :meth:`Catalog.rebuild` recreates it from the
 manifests alone. :meth:`Catalog.sync` runs whenever a repository is opened for reading and brings the catalog up
 to date with what is on the backend (a manifest that landed but whose catalog write was cut short by a crash is
-added; a snapshot whose manifest is gone is dropped), so a stale catalog is never the reason for a wrong answer.
+added), so a stale catalog is never the reason for a wrong answer.
+
+What one manifest holds never stops the others from being listed: each is added on its own, a guest-file index
+that cannot be read or holds rows out of range is left out (with a warning) while the snapshot is still listed,
+and rows are checked before they reach SQLite. A catalog file that SQLite cannot read is moved aside
+(``catalog.sqlite.damaged-<time>``) and rebuilt.
+
+Names: a snapshot's ``name`` in the catalog (its folder in the tree) is unique per guest. Two manifests of one
+guest with the same name (two backups in the same second) are both listed: the one with the smallest id keeps the
+name, each other one is shown as ``<name>-<first 8 digits of its id>``, whatever order the catalog learns them in.
+
+Vanished snapshots: a snapshot the catalog knew whose manifest is gone, without having been forgotten, is kept in
+``vanished`` and reported by every listing and by ``check`` until it is acknowledged
+(``vbfs check --acknowledge-missing``): a deleted or rolled-back manifest is never silent.
 
 One connection per thread; SQLite's own locking (WAL, busy timeout) lets two backups write at once.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import re
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from vbfs.errors import SnapshotNotFound, VbfsError
 
@@ -26,19 +41,25 @@ if TYPE_CHECKING:
     import sqlite_utils
 from vbfs.store.repository import Repository
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+FileRow = tuple[str, str, int, int, int]  # path below files/, type, size, mtime_ns, mode
+INT64_MAX = 2**63 - 1
+T = TypeVar("T")
 
 
 def create_tables(db: sqlite_utils.Database) -> None:
     """The whole schema, in one place."""
     # One row per snapshot manifest in the repository. `time` is the UTC start of the backup in ISO 8601;
-    # `name` is the snapshot's folder name in the tree (time without colons, unique per guest); `summary` is the
-    # JSON that `vbfs snapshots --json` prints, derived from the manifest only.
+    # `base_name` is the name the manifest gives itself (time without colons); `name` is the snapshot's folder
+    # name in the tree: `base_name`, or `<base_name>-<id prefix>` for all but the smallest id when two manifests
+    # of a guest share a base name; unique per guest. `summary` is the JSON that `vbfs snapshots --json` prints,
+    # derived from the manifest only (with `name` as shown).
     db.table("snapshots").create(
         {
             "id": str,
             "guest": str,
             "name": str,
+            "base_name": str,
             "time": str,
             "hypervisor": str,
             "source": str,
@@ -51,6 +72,7 @@ def create_tables(db: sqlite_utils.Database) -> None:
     )
     db.table("snapshots").create_index(["guest", "time"], if_not_exists=True)
     db.table("snapshots").create_index(["guest", "name"], unique=True, if_not_exists=True)
+    db.table("snapshots").create_index(["guest", "base_name"], if_not_exists=True)
     # One row per disk or stream (config file, agent dump) of a snapshot. `kind` is 'disk', 'config' or an agent
     # name; `name` is the item's file name in the tree; `size` its length in bytes; `mode` is 'full' or
     # 'incremental' for disks (how it was read), '' for streams.
@@ -76,6 +98,13 @@ def create_tables(db: sqlite_utils.Database) -> None:
         " PRIMARY KEY (snap, version)) WITHOUT ROWID"
     )
     db.execute("CREATE INDEX IF NOT EXISTS snapshot_files_version ON snapshot_files (version, snap)")
+    # Snapshots the catalog listed whose manifest then disappeared without being forgotten (deleted, or the
+    # repository rolled back). `noticed` is when the catalog found it gone (ISO 8601, UTC); `acknowledged` is
+    # NULL until a user acknowledged it with `vbfs check --acknowledge-missing`, then when they did.
+    db.execute(
+        "CREATE TABLE IF NOT EXISTS vanished (id TEXT PRIMARY KEY, guest TEXT NOT NULL, name TEXT NOT NULL,"
+        " time TEXT NOT NULL, noticed TEXT NOT NULL, acknowledged TEXT)"
+    )
     # A guest is a name that has at least one snapshot; the view keeps no state of its own.
     db.execute(
         "CREATE VIEW IF NOT EXISTS guests AS SELECT guest AS name, count(*) AS snapshots, "
@@ -84,22 +113,60 @@ def create_tables(db: sqlite_utils.Database) -> None:
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
 
-def read_file_index(repo: Repository, manifest: dict[str, Any]) -> Iterable[tuple[str, str, int, int, int]]:
-    """The guest-file index stored with a snapshot: (path, type, size, mtime_ns, mode) rows."""
+def _drop_tables(conn: sqlite3.Connection) -> None:
+    """Before a schema change: the derived tables go (the vanished records stay), :func:`create_tables` follows."""
+    conn.execute("DROP VIEW IF EXISTS guests")
+    for table in ("snapshot_files", "file_versions", "items", "snapshots"):
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
+def valid_file_row(row: Any) -> FileRow | None:
+    """A guest-file index row if every field has its type and fits SQLite's signed 64-bit integers, else None."""
+    if not isinstance(row, list | tuple) or len(row) != 5:
+        return None
+    path, typ, size, mtime, mode = row
+    if not isinstance(path, str) or not path or len(path) > 65536 or "\0" in path or typ not in ("f", "d", "l", "o"):
+        return None
+    if type(size) is not int or not 0 <= size <= INT64_MAX:
+        return None
+    if type(mtime) is not int or not -INT64_MAX <= mtime <= INT64_MAX:
+        return None
+    if type(mode) is not int or not 0 <= mode < 2**32:
+        return None
+    return path, typ, size, mtime, mode
+
+
+def read_file_index(repo: Repository, manifest: dict[str, Any], skipped: list[int] | None = None) -> Iterable[FileRow]:
+    """The guest-file index stored with a snapshot: (path, type, size, mtime_ns, mode) rows.
+
+    Lines that are not such a row are skipped and counted in ``skipped[0]`` when it is given."""
     ref = manifest.get("files_index")
     if not ref:
         return
+
+    def parse(line: bytes) -> FileRow | None:
+        try:
+            return valid_file_row(json.loads(line))
+        except (ValueError, RecursionError):
+            return None
+
     buf = b""
     for data in repo.read_stream(ref):
         buf += data
         *lines, buf = buf.split(b"\n")
         for line in lines:
             if line:
-                path, typ, size, mtime, mode = json.loads(line)
-                yield path, typ, size, mtime, mode
+                row = parse(line)
+                if row is not None:
+                    yield row
+                elif skipped is not None:
+                    skipped[0] += 1
     if buf.strip():
-        path, typ, size, mtime, mode = json.loads(buf)
-        yield path, typ, size, mtime, mode
+        row = parse(buf)
+        if row is not None:
+            yield row
+        elif skipped is not None:
+            skipped[0] += 1
 
 
 def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -135,26 +202,113 @@ def _enable_wal(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
             time.sleep(0.05)
 
 
+def is_damage(exc: BaseException) -> bool:
+    """Does this error mean the catalog file is damaged (rather than busy, locked or unwritable)?"""
+    if isinstance(exc, ValueError | TypeError | KeyError):  # a row whose JSON summary does not parse
+        return True
+    if not isinstance(exc, sqlite3.DatabaseError):
+        return False
+    text = str(exc).lower()
+    if isinstance(exc, sqlite3.OperationalError):
+        return any(w in text for w in ("malformed", "no such table", "no such column", "corrupt", "not a database"))
+    return True
+
+
+class CatalogDamaged(VbfsError):
+    pass
+
+
+def _guarded(method: Callable[..., T]) -> Callable[..., T]:
+    """A reading method whose catalog turns out to be damaged says so in one line instead of failing oddly."""
+
+    @functools.wraps(method)
+    def wrapper(self: Catalog, *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(self, *args, **kwargs)
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            if not is_damage(exc):
+                raise
+            raise CatalogDamaged(
+                f"the catalog {self.path} is damaged ({type(exc).__name__}: {exc}): run vbfs catalog rebuild"
+            ) from None
+
+    return wrapper
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class Catalog:
     def __init__(self, path: Path):
         self.path = path
+        self.notes: list[str] = []
+        """One-line warnings about the catalog itself (set aside as damaged); the CLI prints them."""
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(path, timeout=60, isolation_level=None)
-            _enable_wal(conn)
-        except sqlite3.Error as exc:
-            raise VbfsError(f"cannot open the catalog {path}: {exc}") from None
-        self.conn = conn
-        conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe; the catalog is derived anyway
-        conn.execute("PRAGMA cache_size=-65536")
-        if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-            import sqlite_utils
+        except OSError as exc:
+            raise VbfsError(f"cannot create the catalog's folder {path.parent}: {exc.strerror}") from None
+        try:
+            self.conn = self._connect()
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            if not is_damage(exc):
+                raise VbfsError(f"cannot open the catalog {path}: {exc}") from None
+            self.set_aside(exc, keep_vanished=False)
 
-            with self._transaction():
-                create_tables(sqlite_utils.Database(conn))
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=60, isolation_level=None)
+        try:
+            _enable_wal(conn)
+            conn.execute("PRAGMA synchronous=NORMAL")  # WAL: safe; the catalog is derived anyway
+            conn.execute("PRAGMA cache_size=-65536")
+            if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                import sqlite_utils
+
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    if conn.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
+                        _drop_tables(conn)
+                        create_tables(sqlite_utils.Database(conn))
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            # A probe of every table: a file that is not a catalog fails here, not in the middle of a command.
+            for table in ("snapshots", "items", "file_versions", "snapshot_files", "vanished"):
+                conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} LIMIT 1)").fetchone()
+            for (summary,) in conn.execute("SELECT summary FROM snapshots").fetchall():
+                json.loads(summary)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def close(self) -> None:
         self.conn.close()
+
+    def set_aside(self, exc: BaseException, keep_vanished: bool = True) -> None:
+        """Move a damaged catalog file aside and start an empty one (``sync`` fills it from the manifests)."""
+        vanished: list[tuple[Any, ...]] = []
+        if keep_vanished:
+            with contextlib.suppress(Exception):
+                vanished = self.conn.execute("SELECT * FROM vanished").fetchall()
+        with contextlib.suppress(Exception):
+            self.conn.close()
+        aside = self.path.with_name(f"{self.path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(f"{self.path}{suffix}").replace(f"{aside}{suffix}")
+        self.notes.append(
+            f"the catalog {self.path} is damaged ({str(exc)[:120]}): moved it aside to {aside.name} and rebuilt it "
+            "from the manifests"
+        )
+        try:
+            self.conn = self._connect()
+        except sqlite3.Error as again:
+            raise VbfsError(f"cannot create a new catalog {self.path}: {again}") from None
+        if vanished:
+            with contextlib.suppress(sqlite3.Error), self._transaction() as conn:
+                conn.executemany("INSERT OR IGNORE INTO vanished VALUES (?, ?, ?, ?, ?, ?)", vanished)
 
     # ---- writing ----------------------------------------------------------------------------------------------
 
@@ -170,18 +324,48 @@ class Catalog:
             raise
         conn.execute("COMMIT")
 
-    def add(self, manifest: dict[str, Any], files: Iterable[tuple[str, str, int, int, int]] = ()) -> None:
-        """Index a snapshot, with its guest files as (path, type, size, mtime_ns, mode) rows; all or nothing."""
+    def add(self, manifest: dict[str, Any], files: Iterable[FileRow] = ()) -> list[str]:
+        """Index a snapshot with its guest files as (path, type, size, mtime_ns, mode) rows; never another one's row.
+
+        A snapshot already indexed is left as it is. Rows out of range are left out; if the file index cannot be
+        stored at all, the snapshot is indexed without it. Returns a warning for whatever was left out."""
+        snap_id = manifest["id"]
+        if self.conn.execute("SELECT 1 FROM snapshots WHERE id = ?", [snap_id]).fetchone():
+            return []
+        rows: list[FileRow] = []
+        bad = 0
+        for row in files:
+            ok = valid_file_row(row)
+            if ok is None:
+                bad += 1
+            else:
+                rows.append(ok)
+        warnings = []
+        if bad:
+            warnings.append(f"snapshot {snap_id}: {bad} guest-file index row(s) out of range were left out")
+        try:
+            self._insert(manifest, rows)
+        except (sqlite3.DatabaseError, OverflowError, ValueError, TypeError) as exc:
+            if not rows or (isinstance(exc, sqlite3.OperationalError) and not is_damage(exc)):
+                raise
+            warnings.append(f"snapshot {snap_id}: its guest-file index was left out of the catalog ({exc})")
+            self._insert(manifest, [])
+        return warnings
+
+    def _insert(self, manifest: dict[str, Any], files: list[FileRow]) -> None:
         s = summary_of(manifest)
         items = [(s["id"], "disk", d["name"], d["size"], d.get("mode") or "") for d in manifest["disks"]]
         items += [(s["id"], "config", n, ref["size"], "") for n, ref in manifest.get("config", {}).items()]
         with self._transaction() as conn:
+            if conn.execute("SELECT 1 FROM snapshots WHERE id = ?", [s["id"]]).fetchone():
+                return  # another process indexed it meanwhile
             conn.execute(
-                "INSERT OR REPLACE INTO snapshots (id, guest, name, time, hypervisor, source, consistency, size,"
-                " summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO snapshots (id, guest, name, base_name, time, hypervisor, source, consistency, size,"
+                " summary) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     s["id"],
                     s["guest"],
+                    "\0" + s["id"],  # a placeholder no name can equal; _settle_names gives the real one
                     s["name"],
                     s["time"],
                     s["hypervisor"],
@@ -191,12 +375,37 @@ class Catalog:
                     json.dumps(s, sort_keys=True),
                 ),
             )
+            self._settle_names(s["guest"], s["name"])
             conn.executemany(
-                "INSERT OR REPLACE INTO items (snapshot_id, kind, name, size, mode) VALUES (?, ?, ?, ?, ?)", items
+                "INSERT OR IGNORE INTO items (snapshot_id, kind, name, size, mode) VALUES (?, ?, ?, ?, ?)", items
             )
+            conn.execute("DELETE FROM vanished WHERE id = ?", [s["id"]])  # it is back
             self._add_files(s["id"], s["guest"], files)
 
-    def _add_files(self, snap_id: str, guest: str, files: Iterable[tuple[str, str, int, int, int]]) -> None:
+    def _settle_names(self, guest: str, base: str) -> None:
+        """Give every snapshot of ``guest`` whose manifest is named ``base`` its unique shown name: the smallest
+        id keeps ``base``, the others get ``<base>-<id prefix>`` (inside the caller's transaction)."""
+        conn = self.conn
+        rows = conn.execute(
+            "SELECT id, name FROM snapshots WHERE guest = ? AND base_name = ? ORDER BY id", [guest, base]
+        ).fetchall()
+        wanted = {sid: base if i == 0 else f"{base[:200]}-{sid[:8]}" for i, (sid, _) in enumerate(rows)}
+        moving = [sid for sid, name in rows if name != wanted[sid]]
+        for sid in moving:
+            conn.execute("UPDATE snapshots SET name = ? WHERE id = ?", ["\0" + sid, sid])
+        for sid in moving:
+            name, n = wanted[sid], 1
+            while conn.execute("SELECT 1 FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone():
+                n += 1  # taken by a manifest that gave itself this very name: fall back to the whole id
+                name = f"{base[:200]}-{sid}" + (f"-{n}" if n > 2 else "")
+            summary = json.loads(conn.execute("SELECT summary FROM snapshots WHERE id = ?", [sid]).fetchone()[0])
+            summary["name"] = name
+            conn.execute(
+                "UPDATE snapshots SET name = ?, summary = ? WHERE id = ?",
+                [name, json.dumps(summary, sort_keys=True), sid],
+            )
+
+    def _add_files(self, snap_id: str, guest: str, files: Iterable[FileRow]) -> None:
         conn = self.conn
         snap = conn.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()[0]
         conn.execute(
@@ -222,8 +431,9 @@ class Catalog:
         conn.execute("DELETE FROM new_files")
 
     def remove(self, snap_id: str) -> None:
+        """Drop a snapshot from the catalog (forgetting it: no vanished record)."""
         with self._transaction() as conn:
-            row = conn.execute("SELECT rowid FROM snapshots WHERE id = ?", [snap_id]).fetchone()
+            row = conn.execute("SELECT rowid, guest, base_name FROM snapshots WHERE id = ?", [snap_id]).fetchone()
             if row:
                 conn.execute("DELETE FROM snapshot_files WHERE snap = ?", [row[0]])
                 conn.execute(
@@ -232,36 +442,143 @@ class Catalog:
                 )
             conn.execute("DELETE FROM items WHERE snapshot_id = ?", [snap_id])
             conn.execute("DELETE FROM snapshots WHERE id = ?", [snap_id])
+            if row:
+                self._settle_names(row[1], row[2])
+
+    def _record_vanished(self, repo: Repository) -> set[str]:
+        """Every snapshot the catalog lists whose manifest is no longer on the backend: recorded, then dropped.
+        Returns the manifests on the backend.
+
+        The catalog is read before the backend is listed: a snapshot is indexed only after its manifest landed,
+        so one that the catalog knew and a later listing misses is really gone (not one landing meanwhile)."""
+        known = self.conn.execute("SELECT id, guest, name, time FROM snapshots").fetchall()
+        on_repo = set(repo.snapshot_ids())
+        gone = [r for r in known if r[0] not in on_repo]
+        if gone:
+            with self._transaction() as conn:
+                conn.executemany(
+                    "INSERT OR IGNORE INTO vanished (id, guest, name, time, noticed) VALUES (?, ?, ?, ?, ?)",
+                    [(*r, _now()) for r in gone],
+                )
+            for r in gone:
+                self.remove(r[0])
+        return on_repo
 
     def sync(self, repo: Repository) -> list[str]:
-        """Bring the catalog in line with the manifests; return warnings about manifests that cannot be read."""
-        on_repo = set(repo.snapshot_ids())
+        """Bring the catalog in line with the manifests; return warnings: manifests that cannot be read or indexed
+        whole, and snapshots that vanished without being forgotten (until acknowledged)."""
+        try:
+            return self._sync(repo)
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            if not is_damage(exc):
+                raise
+            self.set_aside(exc)
+            return self._sync(repo)
+
+    def _sync(self, repo: Repository) -> list[str]:
+        on_repo = self._record_vanished(repo)
         known = {r[0] for r in self.conn.execute("SELECT id FROM snapshots").fetchall()}
         warnings = []
-        for snap_id in sorted(known - on_repo):
-            self.remove(snap_id)
         for snap_id in sorted(on_repo - known):
             try:
                 manifest = repo.load_manifest(snap_id)
             except VbfsError as exc:
-                warnings.append(f"snapshot {snap_id} is not listed: {exc}")
+                warnings.append(f"snapshot {snap_id[:40]} is not listed: {exc}")
                 continue
+            skipped = [0]
             try:
-                files = list(read_file_index(repo, manifest))
+                files = list(read_file_index(repo, manifest, skipped))
             except VbfsError as exc:
                 warnings.append(f"snapshot {snap_id}: its guest-file index cannot be read ({exc})")
                 files = []
-            self.add(manifest, files)
+            if skipped[0]:
+                warnings.append(f"snapshot {snap_id}: {skipped[0]} guest-file index line(s) out of range were left out")
+            try:
+                warnings += self.add(manifest, files)
+            except (sqlite3.DatabaseError, OverflowError, ValueError, TypeError, KeyError) as exc:
+                if is_damage(exc) and isinstance(exc, sqlite3.DatabaseError):
+                    raise
+                warnings.append(f"snapshot {snap_id} is not listed: the catalog cannot hold it ({exc})")
+        for v in self.vanished():
+            warnings.append(
+                f"snapshot {v['guest']}@{v['name']} ({v['id']}) disappeared from the repository without being "
+                f"forgotten (noticed {v['noticed'][:19]}Z); once you know why: vbfs check --acknowledge-missing "
+                f"{v['id'][:8]}"
+            )
         return warnings
 
     def rebuild(self, repo: Repository) -> list[str]:
-        with self._transaction() as conn:
-            for table in ("snapshot_files", "file_versions", "items", "snapshots"):
-                conn.execute(f"DELETE FROM {table}")
+        try:
+            self._record_vanished(repo)
+            with self._transaction() as conn:
+                for table in ("snapshot_files", "file_versions", "items", "snapshots"):
+                    conn.execute(f"DELETE FROM {table}")
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            if not is_damage(exc):
+                raise
+            self.set_aside(exc)
         return self.sync(repo)
+
+    def vanished(self) -> list[dict[str, Any]]:
+        """Snapshots that disappeared without being forgotten and are not acknowledged yet, oldest first."""
+        rows = self.conn.execute(
+            "SELECT id, guest, name, time, noticed FROM vanished WHERE acknowledged IS NULL ORDER BY noticed, id"
+        ).fetchall()
+        return [dict(zip(("id", "guest", "name", "time", "noticed"), r, strict=True)) for r in rows]
+
+    def acknowledge_vanished(self, which: str) -> list[dict[str, Any]]:
+        """Acknowledge ``all`` vanished snapshots or those whose id starts with ``which``; returns them."""
+        if which == "all":
+            found = self.vanished()
+        elif re.fullmatch(r"[0-9a-f]{4,32}", which):
+            found = [v for v in self.vanished() if v["id"].startswith(which)]
+        else:
+            raise VbfsError(f"--acknowledge-missing takes a snapshot id (4 or more hex digits) or 'all', not {which!r}")
+        with self._transaction() as conn:
+            conn.executemany(
+                "UPDATE vanished SET acknowledged = ? WHERE id = ?", [(_now(), v["id"]) for v in found]
+            )
+        return found
+
+    def audit(self, repo: Repository, manifests: dict[str, dict[str, Any]]) -> list[str]:
+        """Compare the catalog with the manifests (and SQLite's own check); if they differ, rebuild it.
+
+        ``manifests`` are those that could be read. Returns one error line when the catalog had to be rebuilt."""
+        problems: list[str] = []
+        try:
+            result = self.conn.execute("PRAGMA quick_check").fetchall()
+            if [r[0] for r in result] != ["ok"]:
+                problems.append(f"SQLite finds it damaged ({str(result[0][0])[:100]})")
+            rows = self.conn.execute("SELECT id, guest, name, base_name, summary FROM snapshots").fetchall()
+            listed = set()
+            for sid, guest, name, base, summary in rows:
+                listed.add(sid)
+                m = manifests.get(sid)
+                if m is None:
+                    continue
+                want = summary_of(m)
+                got = json.loads(summary)
+                shown = got.get("name") if isinstance(got, dict) else None
+                want["name"] = shown
+                if got != want or guest != m["guest"] or base != m["name"] or name != shown:
+                    problems.append(f"the row of snapshot {sid} differs from its manifest")
+            missing = set(manifests) - listed
+            if missing:
+                problems.append(f"{len(missing)} readable snapshot(s) are not listed")
+        except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
+            if not is_damage(exc):
+                raise
+            problems.append(f"{type(exc).__name__}: {exc}")
+        if not problems:
+            return []
+        self.set_aside(VbfsError(problems[0]))
+        self.notes.clear()
+        self.sync(repo)
+        return [f"the catalog was damaged ({problems[0]}; {len(problems)} problem(s)): set aside and rebuilt"]
 
     # ---- reading ----------------------------------------------------------------------------------------------
 
+    @_guarded
     def snapshots(self, guest: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT summary FROM snapshots"
         args: list[Any] = []
@@ -271,20 +588,24 @@ class Catalog:
         sql += " ORDER BY guest, time, id"
         return [json.loads(r[0]) for r in self.conn.execute(sql, args).fetchall()]
 
+    @_guarded
     def guests(self) -> list[dict[str, Any]]:
         cur = self.conn.execute("SELECT name, snapshots, first, latest FROM guests ORDER BY name")
         return [dict(zip(("name", "snapshots", "first", "latest"), row, strict=True)) for row in cur.fetchall()]
 
+    @_guarded
     def latest(self, guest: str) -> dict[str, Any] | None:
         row = self.conn.execute(
             "SELECT summary FROM snapshots WHERE guest = ? ORDER BY time DESC, id DESC LIMIT 1", [guest]
         ).fetchone()
         return json.loads(row[0]) if row else None
 
+    @_guarded
     def by_name(self, guest: str, name: str) -> dict[str, Any] | None:
         row = self.conn.execute("SELECT summary FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone()
         return json.loads(row[0]) if row else None
 
+    @_guarded
     def find(self, pattern: str, guest: str | None = None) -> list[dict[str, Any]]:
         """Every version of every guest file whose name (or, with a '/', whole path) matches ``pattern``."""
         column = "v.path" if "/" in pattern else "v.name"
@@ -323,6 +644,7 @@ class Catalog:
             )
         return sorted(out, key=lambda e: (e["guest"], e["path"], e["snapshots"][0]["time"]))
 
+    @_guarded
     def files_of(self, snap_id: str) -> dict[str, tuple[str, int, int, int]]:
         """path → (type, size, mtime_ns, mode) of every indexed guest file of a snapshot."""
         rows = self.conn.execute(
@@ -332,12 +654,14 @@ class Catalog:
         ).fetchall()
         return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
 
+    @_guarded
     def name_taken(self, guest: str, name: str) -> bool:
         return bool(self.conn.execute("SELECT 1 FROM snapshots WHERE guest = ? AND name = ?", [guest, name]).fetchone())
 
+    @_guarded
     def resolve(self, spec: str) -> dict[str, Any]:
         """``GUEST@latest``, ``GUEST@<id prefix>``, ``GUEST@<snapshot name>`` or ``GUEST@<time>``."""
-        guest, sep, which = spec.partition("@")
+        guest, sep, which = spec.rpartition("@")
         if not sep or not guest or not which:
             raise SnapshotNotFound(f"bad snapshot spec {spec!r} (expected GUEST@latest, GUEST@<id> or GUEST@<time>)")
         if not self.conn.execute("SELECT 1 FROM snapshots WHERE guest = ?", [guest]).fetchone():

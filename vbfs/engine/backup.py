@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +39,8 @@ from vbfs.engine.fileindex import index_snapshot
 from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import SourceError, VbfsError
 from vbfs.failpoints import failpoint
+from vbfs.names import is_plain_name
+from vbfs.names import repository_name as repository_name
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
 from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
@@ -49,7 +51,6 @@ from vbfs.vfs import SnapshotTree
 MAX_IN_FLIGHT = 8
 MAX_READ_PARTS = 8  # a chunk with more parts to read is read whole
 MAX_PATCH_PIECES = 256  # a patch record with more pieces is stored as a full chunk again
-_NAME_RE = re.compile(r"^[A-Za-z0-9._+-][A-Za-z0-9._+@ -]{0,200}$")
 
 
 @dataclass
@@ -78,20 +79,23 @@ class BackupStats:
         self.notes += other.notes
 
 
-def repository_name(guest: str) -> str:
-    """The name a guest is kept under: its own when usable as a folder name, else with the other characters as _."""
-    if _NAME_RE.match(guest) and guest not in (".", ".."):
-        return guest
-    safe = re.sub(r"[^A-Za-z0-9._+@ -]", "_", guest)[:200].strip() or "guest"
-    if not _NAME_RE.match(safe) or safe in (".", ".."):
-        safe = "_" + safe
-    return safe
-
-
 def check_name(kind: str, name: str) -> str:
-    if not _NAME_RE.match(name) or name in (".", ".."):
+    """``name`` if the repository keeps it as it is (what a plugin's own names should be; see the conformance
+    suite); a backup maps any other name with :func:`vbfs.names.repository_name` instead of refusing it."""
+    if not is_plain_name(name):
         raise VbfsError(f"{kind} name {name!r} is not usable as a folder name (letters, digits, . _ + - @ space)")
     return name
+
+
+def _kept_as(kind: str, name: str, notes: list[str]) -> str:
+    """The repository name of a guest, disk or config file of the source, with a note when it had to change."""
+    kept = repository_name(name)
+    if kept != name:
+        notes.append(
+            f"{kind} {name!r} is kept as {kept!r} (only letters, digits, . _ + - @ and spaces, at most 201 "
+            f"characters, are kept as they are)"
+        )
+    return kept
 
 
 def chunk_indices(extents: list[Extent], size: int, chunk_size: int) -> Iterator[int]:
@@ -303,6 +307,18 @@ class BackupRun:
         self.index_files = index_files
         self.filesystems = filesystems
 
+    def _fresh_name(self, guest: str, when: datetime) -> str:
+        """The snapshot's name: its time, with -2, -3, ... when the guest has that name already. Another backup
+        may still pick the same name at the same moment; the catalog then shows both (see vbfs.catalog)."""
+        with suppress(VbfsError):
+            self.catalog.sync(self.repo)  # the snapshots that landed since this run began
+        name = snapshot_name(when)
+        n = 1
+        while self.catalog.name_taken(guest, name):
+            n += 1
+            name = f"{snapshot_name(when)}-{n}"
+        return name
+
     def _previous_disks(self, guest: str) -> dict[str, dict[str, Any]]:
         prev = self.catalog.latest(repository_name(guest))
         if prev is None:
@@ -314,7 +330,7 @@ class BackupRun:
         return {d["name"]: d for d in manifest["disks"]}
 
     def _backup_disk(
-        self, snap: GuestSnapshot, disk: DiskInfo, prev: dict[str, Any] | None, writer: DiskWriter
+        self, snap: GuestSnapshot, disk: DiskInfo, prev: dict[str, Any] | None, writer: DiskWriter, kept_as: str
     ) -> tuple[dict[str, Any], BackupStats]:
         cs = self.repo.chunk_size
         count = -(-disk.size // cs)
@@ -358,7 +374,7 @@ class BackupRun:
         finally:
             self.progress.end()
         record = {
-            "name": disk.name,
+            "name": kept_as,
             "size": disk.size,
             "chunk_size": cs,
             "index": self.repo.write_index(bytes(entries), ID_SIZE),
@@ -367,6 +383,8 @@ class BackupRun:
             "read_bytes": stats.read_bytes,
             "details": dict(disk.details),
         }
+        if kept_as != disk.name:
+            record["source_name"] = disk.name
         return record, stats
 
     def run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
@@ -377,13 +395,12 @@ class BackupRun:
             raise
 
     def _run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
-        stored_as = repository_name(guest)
         started = time.monotonic()
         stats = BackupStats()
-        if stored_as != guest:
-            stats.notes.append(f"guest {guest!r} is kept as {stored_as!r} (a folder name cannot hold all of it)")
+        stored_as = _kept_as("guest", guest, stats.notes)
         removed = hv.remove_leftovers(guest)
         stats.notes += [f"cleanup: {r}" for r in removed]
+        stats.notes += [f"cleanup: {r}" for r in self.repo.remove_leftovers()]
         prev_disks = self._previous_disks(guest)
         seen: set[ChunkId] = set()
         seen_lock = threading.Lock()
@@ -405,37 +422,32 @@ class BackupRun:
             )
             writer = DiskWriter(self.repo, pool, seen, seen_lock)
             disks = snap.disks()
-            names = [check_name("disk", d.name) for d in disks]
+            names = [_kept_as("disk", d.name, stats.notes) for d in disks]
             if len(set(names)) != len(names):
-                raise SourceError(f"guest {guest} has two disks with the same name: {names}")
+                raise SourceError(f"guest {guest} has two disks with the same name: {[d.name for d in disks]}")
             disk_records = []
-            for disk in disks:
-                record, dstats = self._backup_disk(snap, disk, prev_disks.get(disk.name), writer)
+            for disk, kept_as in zip(disks, names, strict=True):
+                record, dstats = self._backup_disk(snap, disk, prev_disks.get(kept_as), writer, kept_as)
                 disk_records.append(record)
                 stats.add(dstats)
             failpoint("after-chunks")
             config = {}
             for fname, content in sorted(snap.config_files().items()):
                 ref, stored = self.repo.put_bytes(content)
-                config[check_name("config file", fname)] = ref.to_json()
+                config[_kept_as("config file", fname, stats.notes)] = ref.to_json()
                 stats.stored_bytes += stored
             metadata = snap.metadata()
             consistency = snap.consistency
             stats.notes += list(getattr(snap, "notes", []))
         stats.seconds = round(time.monotonic() - started, 3)
-        name = snapshot_name(when)
-        n = 1
-        while self.catalog.name_taken(stored_as, name):
-            n += 1
-            name = f"{snapshot_name(when)}-{n}"
         manifest: dict[str, Any] = {
             "version": 1,
             "id": secrets.token_hex(16),
             "guest": stored_as,
-            "name": name,
+            "name": self._fresh_name(stored_as, when),
             "time": format_time(when),
             "finished": format_time(datetime.now(UTC)),
-            "source": {"hypervisor": hv.scheme, "url": _redact(source_url)},
+            "source": {"hypervisor": hv.scheme, "url": _redact(source_url), "guest": guest},
             "consistency": consistency,
             "metadata": metadata,
             "disks": disk_records,
@@ -453,6 +465,7 @@ class BackupRun:
             manifest["files_index"] = index_ref
             manifest["notes"] += warnings
             manifest["stats"]["index_seconds"] = round(time.monotonic() - t0, 3)
+        manifest["name"] = self._fresh_name(stored_as, when)  # again: another backup may have landed meanwhile
         self.repo.commit_manifest(manifest)
         self.catalog.add(manifest, rows)
         self.pm.hook.vbfs_snapshot_committed(snapshot=summary_of(manifest))

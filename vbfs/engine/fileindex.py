@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import stat
+from contextlib import suppress
 from typing import Any
 
 from vbfs.errors import VbfsError
-from vbfs.vfs import Dir, Node, SnapshotTree, Symlink, iter_tree
+from vbfs.guestfs.bounds import index_seconds
+from vbfs.vfs import Dir, LazyVolumeRoot, Node, SnapshotTree, Symlink, iter_tree
 
 Row = tuple[str, str, int, int, int]  # path below files/, type (f d l o), size, mtime_ns, mode
 
@@ -31,6 +33,9 @@ def walk_guest_files(tree: SnapshotTree) -> tuple[list[Row], list[str]]:
     warnings: list[str] = []
     files = tree.root(tree.manifest["name"]).lookup("files")
     assert isinstance(files, Dir)
+
+    def skipped(where: str, exc: VbfsError) -> None:
+        warnings.append(f"{where}: not indexed ({exc})")
     for disk in files.children():
         assert isinstance(disk, Dir)
         try:
@@ -41,11 +46,14 @@ def walk_guest_files(tree: SnapshotTree) -> tuple[list[Row], list[str]]:
         for vol in volumes:
             prefix = f"{disk.name}/{vol.name}"
             try:
-                for path, node in iter_tree(vol, prefix):
+                for path, node in iter_tree(vol, prefix, seconds=index_seconds(), on_error=skipped):
                     a = node.attr
                     rows.append((path, _type(node), a.size, a.mtime_ns, a.mode))
             except VbfsError as exc:
                 warnings.append(f"{prefix}: index incomplete ({exc})")
+            if isinstance(vol, LazyVolumeRoot):
+                with suppress(VbfsError):
+                    warnings += [f"{prefix}: {n}" for n in vol.real().fs.notes]
     return rows, warnings
 
 

@@ -12,10 +12,12 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 import pyfuse3
 import trio
@@ -117,7 +119,7 @@ def serve_in_background(run: Callable[[Callable[[], None]], None], log_file: Pat
         os.setsid()
         log_file.parent.mkdir(parents=True, exist_ok=True)
         logging.basicConfig(
-            filename=log_file,
+            handlers=[logging.StreamHandler(open_log(log_file))],
             level=logging.INFO,
             format="%(asctime)s vbfs-mount[%(process)d] %(levelname)s %(message)s",
         )
@@ -139,6 +141,18 @@ def serve_in_background(run: Callable[[Callable[[], None]], None], log_file: Pat
         code = 1
     finally:
         os._exit(code)
+
+
+def open_log(path: Path) -> TextIO:
+    """The mount log, for appending: created under the umask (0600 by default: it names guest files), never through
+    a symlink, and an older log with wider permissions is narrowed to what the umask allows."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    if mode & umask:
+        os.fchmod(fd, mode & ~umask)
+    return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
 
 
 def _tell(fd: int, message: str) -> None:

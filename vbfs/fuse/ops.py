@@ -3,8 +3,13 @@
 What the repository looks like as a filesystem is decided in :mod:`vbfs.vfs`; this module turns FUSE requests into
 calls on that tree and its answers into ``EntryAttributes``. It runs on the trio thread and never blocks it:
 every call into the tree (which may read and decrypt chunks, parse a guest filesystem or query the catalog) goes
-through ``trio.to_thread.run_sync`` with one shared ``CapacityLimiter``. Errors are mapped here and only here;
-only ``FUSEError`` leaves a handler.
+through ``trio.to_thread.run_sync``. Three ``CapacityLimiter``s keep the kinds of work from waiting behind each
+other: the repository's root and guest folders (catalog queries only), guest filesystems (parsers, each call
+bounded by a time budget, see :mod:`vbfs.guestfs.bounds`), and the rest of a snapshot (manifests, disk images).
+Listing the mount's root therefore never waits for a guest parser. A guest volume's parser serves one request at a
+time: requests for one volume queue in trio (holding no thread) for at most one time budget, then get EIO, so a
+volume that keeps its parser busy costs one worker thread and never the other volumes. Errors are mapped here and
+only here; only ``FUSEError`` leaves a handler.
 
 Inode numbers are made from the nodes' stable keys: the same node (and every hard link of one guest file) always
 gets the same number during a mount. Lookup counts are kept and released in ``forget``.
@@ -22,14 +27,25 @@ import pyfuse3
 import trio
 
 from vbfs.errors import IntegrityError, PathNotFound, VbfsError
-from vbfs.guestfs.model import GuestDataError
-from vbfs.vfs import Dir, File, Node, Symlink
+from vbfs.guestfs.bounds import parse_seconds
+from vbfs.guestfs.model import GuestDataError, VolumeBusy
+from vbfs.vfs import (
+    Dir,
+    DiskFilesDir,
+    File,
+    GuestHostDir,
+    LazyVolumeRoot,
+    Node,
+    RootDir,
+    Symlink,
+)
 
 log = logging.getLogger("vbfs.mount")
 T = TypeVar("T")
 
 IMMUTABLE_TIMEOUT = 3600.0  # snapshots never change: let the kernel cache them
 MUTABLE_TIMEOUT = 1.0  # guest lists and `latest` change when a backup lands
+SIZE_MAX = (1 << 63) - 1  # st_size is a signed 64-bit number
 
 
 class VbfsOperations(pyfuse3.Operations):
@@ -37,7 +53,10 @@ class VbfsOperations(pyfuse3.Operations):
 
     def __init__(self, root: Node, threads: int = 4):
         super().__init__()
-        self._limiter = trio.CapacityLimiter(threads)
+        self._limiter = trio.CapacityLimiter(threads)  # snapshots: manifests, disk images, generated files
+        self._catalog_limiter = trio.CapacityLimiter(2)  # the root and the guests' folders
+        self._guest_limiter = trio.CapacityLimiter(threads)  # guest filesystems
+        self._lanes: dict[str, trio.CapacityLimiter] = {}  # one per guest volume: its parser serves one at a time
         self._nodes: dict[int, Node] = {pyfuse3.ROOT_INODE: root}
         self._inodes: dict[Any, int] = {root.key: pyfuse3.ROOT_INODE}
         self._next_ino = pyfuse3.ROOT_INODE + 1
@@ -75,9 +94,42 @@ class VbfsOperations(pyfuse3.Operations):
         log.exception("internal error in %s", what)
         return pyfuse3.FUSEError(errno.EIO)
 
-    async def _call(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+    def _limiter_for(self, node: Node) -> trio.CapacityLimiter:
+        if isinstance(node, RootDir | GuestHostDir):
+            return self._catalog_limiter
+        if node.from_guest or isinstance(node, LazyVolumeRoot | DiskFilesDir):
+            return self._guest_limiter
+        return self._limiter
+
+    def _lane(self, node: Node) -> trio.CapacityLimiter | None:
+        if isinstance(node, LazyVolumeRoot):
+            label = node.snap.label(node.disk, node.volume.name)
+        elif node.from_guest and hasattr(node, "fs"):
+            label = node.fs.label
+        else:
+            return None
+        lane = self._lanes.get(label)
+        if lane is None:
+            lane = self._lanes[label] = trio.CapacityLimiter(1)
+        return lane
+
+    async def _call(self, what: str, fn: Callable[..., T], *args: Any, node: Node | None = None) -> T:
+        limiter = self._limiter if node is None else self._limiter_for(node)
+        lane = None if node is None else self._lane(node)
         try:
-            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+            if lane is None:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+            seconds = parse_seconds()
+            acquired = False
+            with trio.move_on_after(seconds):
+                await lane.acquire()
+                acquired = True
+            if not acquired:
+                raise VolumeBusy(f"the volume is busy (another request has parsed it for more than {seconds:g} s)")
+            try:
+                return await trio.to_thread.run_sync(fn, *args, limiter=limiter)
+            finally:
+                lane.release()
         except pyfuse3.FUSEError:
             raise
         except Exception as exc:
@@ -93,9 +145,10 @@ class VbfsOperations(pyfuse3.Operations):
         e.st_nlink = a.nlink
         e.st_uid = a.uid
         e.st_gid = a.gid
-        e.st_size = a.size
+        size = min(max(a.size, 0), SIZE_MAX)
+        e.st_size = size
         e.st_blksize = 128 * 1024
-        e.st_blocks = (a.size + 511) // 512
+        e.st_blocks = (size + 511) // 512
         e.st_mtime_ns = a.mtime_ns
         e.st_atime_ns = a.atime_ns if a.atime_ns is not None else a.mtime_ns
         e.st_ctime_ns = a.ctime_ns if a.ctime_ns is not None else a.mtime_ns
@@ -116,7 +169,7 @@ class VbfsOperations(pyfuse3.Operations):
             child = parent.lookup(text)
             return child, 0, self._attrs(0, child)
 
-        child, _, attrs = await self._call(f"lookup {text} in {parent.where}", find)
+        child, _, attrs = await self._call(f"lookup {text} in {parent.where}", find, node=parent)
         ino = self._ino(child)
         attrs.st_ino = ino
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
@@ -124,13 +177,21 @@ class VbfsOperations(pyfuse3.Operations):
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._node(inode)
-        return await self._call(f"getattr {node.where}", self._attrs, inode, node)
+        if node.from_guest:  # a guest entry's attributes are in memory: answered here, never behind its parser
+            try:
+                return self._attrs(inode, node)
+            except Exception as exc:
+                raise self._fail(exc, f"getattr {node.where}") from None
+        return await self._call(f"getattr {node.where}", self._attrs, inode, node, node=node)
 
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self._node(inode)
         if not isinstance(node, Symlink):
             raise pyfuse3.FUSEError(errno.EINVAL)
-        return os.fsencode(node.target)
+        try:
+            return os.fsencode(node.target)  # in memory (a damaged guest symlink raises instead)
+        except Exception as exc:
+            raise self._fail(exc, f"readlink {node.where}") from None
 
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._node(inode)
@@ -140,7 +201,7 @@ class VbfsOperations(pyfuse3.Operations):
         def listing() -> list[tuple[Node, pyfuse3.EntryAttributes]]:
             return [(c, self._attrs(0, c)) for c in sorted(node.children(), key=lambda n: n.name)]
 
-        entries = await self._call(f"listing {node.where}", listing)
+        entries = await self._call(f"listing {node.where}", listing, node=node)
         fh = self._next_fh
         self._next_fh += 1
         self._open[fh] = entries
@@ -180,7 +241,7 @@ class VbfsOperations(pyfuse3.Operations):
             raise self._fail(exc, f"read {node.where}") from None
         if data is not None:
             return data
-        return await self._call(f"read {node.where}", node.read, off, size)
+        return await self._call(f"read {node.where}", node.read, off, size, node=node)
 
     async def release(self, fh: int) -> None:
         self._open.pop(fh, None)

@@ -6,9 +6,10 @@ NTFS or Btrfs on a volume through dissect's parsers. Nothing here touches the ho
 filesystem is parsed by Python code, and a damaged one raises :class:`GuestDataError`, never worse.
 
 Thread-safety: a :class:`GuestFS` serialises the calls into its parser with its own lock; different filesystems
-(and different snapshots) are read in parallel.
+(and different snapshots) are read in parallel. Every call into a parser is bounded in time and memory
+(:mod:`vbfs.guestfs.bounds`): a damaged or hostile filesystem costs an error for what it damaged, never a hang.
 """
 
-from vbfs.guestfs.model import GuestDataError, GuestEntry, GuestFS
+from vbfs.guestfs.model import GuestDataError, GuestEntry, GuestFS, VolumeBusy
 
-__all__ = ["GuestDataError", "GuestEntry", "GuestFS"]
+__all__ = ["GuestDataError", "GuestEntry", "GuestFS", "VolumeBusy"]

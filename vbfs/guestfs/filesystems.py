@@ -2,15 +2,23 @@
 
 ``detect`` names the filesystem on a volume by its magic numbers (without trusting anything else in it);
 ``open_filesystem`` opens it with the adapter registered for that name.
+
+Each adapter checks what dissect would otherwise trust: a folder is read block by block once its size is known
+to fit the volume, a symlink's target only when its length is sane, a FAT cluster chain is walked with loop
+detection and never longer than the volume has clusters, and a file's size is checked against what its
+filesystem can hold (:meth:`GuestFS._bound`).
 """
 
 from __future__ import annotations
 
+import os
 import stat
 import struct
+from collections.abc import Iterator
 from typing import Any
 
-from vbfs.guestfs.model import GuestEntry, GuestFS
+from vbfs.guestfs.bounds import FILE_SIZE_MAX
+from vbfs.guestfs.model import GuestEntry, GuestFS, runs_to_extents
 
 S_IFMT_DIR = stat.S_IFDIR
 
@@ -70,7 +78,7 @@ def _ts(value: Any) -> int:
     return int(value) if isinstance(value, int) else 0
 
 
-def _inode_entry(node: Any, name: str, *, mode: int, uid: int, gid: int, nlink: int) -> GuestEntry:
+def _inode_entry(fs: GuestFS, node: Any, name: str, *, mode: int, uid: int, gid: int, nlink: int) -> GuestEntry:
     """An entry of a Unix filesystem whose dissect inode has size, times, ``inum`` and ``link``."""
     entry = GuestEntry(
         name=name,
@@ -85,12 +93,13 @@ def _inode_entry(node: Any, name: str, *, mode: int, uid: int, gid: int, nlink: 
         ctime_ns=_ts(node.ctime_ns),
     )
     if stat.S_ISLNK(mode):
-        entry.target = node.link
+        entry.target, entry.damage = fs._link_target(entry.size, lambda: str(node.link))
     return entry
 
 
 class ExtGuestFS(GuestFS):
     fstype = "ext4"
+    folder_sizes = True
 
     def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
@@ -98,15 +107,19 @@ class ExtGuestFS(GuestFS):
 
         with self._guard("superblock"):
             self.fs = ExtFS(fh)
+            # extents address 2^32 blocks; block maps (ext2/3) less
+            self.max_file_size = min(FILE_SIZE_MAX, (1 << 32) * int(self.fs.block_size))
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
         fast = self._fast_entry(int(node.inum), name)
         if fast is not None:
             if fast.is_symlink:
-                fast.target = node.link
+                fast.target, fast.damage = self._link_target(fast.size, lambda: str(node.link))
+            self._check_block_map(node, fast)
             return fast
         ino = node.inode
-        return _inode_entry(
+        entry = _inode_entry(
+            self,
             node,
             name,
             mode=int(ino.i_mode),
@@ -114,6 +127,18 @@ class ExtGuestFS(GuestFS):
             gid=int(ino.i_gid) | (int(ino.i_gid_high) << 16),
             nlink=int(ino.i_links_count),
         )
+        self._check_block_map(node, entry)
+        return entry
+
+    def _check_block_map(self, node: Any, entry: GuestEntry) -> None:
+        """A file mapped by block lists (not extents) is read through a list of all its blocks: beyond the
+        volume's size that list alone would be larger than any sane file of the volume."""
+        from dissect.extfs.c_ext import c_ext
+
+        if entry.is_file and self.volume_size and entry.size > self.volume_size:
+            flags = int(node.inode.i_flags)
+            if not flags & (c_ext.EXT4_EXTENTS_FL | EXT4_INLINE_DATA_FL):
+                entry.damage = f"size {entry.size} (block-mapped) is more than the volume holds"
 
     def _fast_entry(self, inum: int, name: str) -> GuestEntry | None:
         """The fields of an inode that the tree shows, unpacked straight from its bytes.
@@ -148,6 +173,14 @@ class ExtGuestFS(GuestFS):
                 extra = struct.unpack_from("<I", raw, extra_at)[0]
             return ((seconds | (extra & 3) << 32) * 1_000_000_000) + (extra >> 2)
 
+        rdev = 0
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # the device number is kept in i_block
+            old, new = struct.unpack_from("<II", raw, 40)
+            if old:
+                rdev = os.makedev((old >> 8) & 0xFF, old & 0xFF)
+            else:
+                rdev = os.makedev((new & 0xFFF00) >> 8, (new & 0xFF) | ((new >> 12) & 0xFFF00))
+
         return GuestEntry(
             name=name,
             ino=inum,
@@ -159,6 +192,7 @@ class ExtGuestFS(GuestFS):
             mtime_ns=ns(mtime, 136),
             atime_ns=ns(atime, 140),
             ctime_ns=ns(ctime, 132),
+            rdev=rdev,
         )
 
     def _root(self) -> GuestEntry:
@@ -167,21 +201,33 @@ class ExtGuestFS(GuestFS):
     def _resolve(self, entry: GuestEntry) -> Any:
         return self.fs.get_inode(entry.ino)
 
-    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
+    def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
         node = self._resolve(entry)
         if int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:  # small folders kept inside the inode: dissect's walk
-            return [self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", "..")]
-        raw = parse_ext_directory(node.open().read(), int(self.fs.block_size), int(self.fs.sb.s_inodes_count))
-        out = []
-        for ino, name in raw:
-            if name in (b".", b".."):
-                continue
-            out.append(self._entry(self.fs.get_inode(ino), name.decode(errors="surrogateescape")))
-        return out
+            yield from (self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", ".."))
+            return
+        size = (int(node.inode.i_size_high) << 32) | int(node.inode.i_size_lo)
+        if size > self.folder_limit:  # (checked on the entry too; the root has no entry that was checked)
+            raise ValueError(f"folder size {size} is more than the volume can hold")
+        block_size = int(self.fs.block_size)
+        inodes = int(self.fs.sb.s_inodes_count)
+        stream = node.open()
+        while block := stream.read(block_size):  # one block at a time: a folder is never read whole
+            for ino, name in parse_ext_directory(block, block_size, inodes):
+                if name in (b".", b".."):
+                    continue
+                yield self._entry(self.fs.get_inode(ino), name.decode(errors="surrogateescape"))
+
+    def _data_extents(self, entry: GuestEntry) -> list[tuple[int, int]] | None:
+        node = self._resolve(entry)
+        if int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:
+            return None
+        return runs_to_extents(node.dataruns(), int(self.fs.block_size), entry.size)
 
 
 class XfsGuestFS(GuestFS):
     fstype = "xfs"
+    folder_sizes = True
 
     def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
@@ -193,6 +239,7 @@ class XfsGuestFS(GuestFS):
     def _entry(self, node: Any, name: str) -> GuestEntry:
         ino = node.inode
         return _inode_entry(
+            self,
             node,
             name,
             mode=int(ino.di_mode),
@@ -207,8 +254,41 @@ class XfsGuestFS(GuestFS):
     def _resolve(self, entry: GuestEntry) -> Any:
         return self.fs.get_inode(entry.ino)
 
-    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        return [self._entry(n, n.filename) for n in self._resolve(entry).iterdir() if n.filename not in (".", "..")]
+    def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
+        node = self._resolve(entry)
+        if int(node.size) > self.folder_limit:  # dissect walks every block up to the size
+            raise ValueError(f"folder size {int(node.size)} is more than the volume can hold")
+        return (self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", ".."))
+
+    def _data_extents(self, entry: GuestEntry) -> list[tuple[int, int]] | None:
+        from dissect.xfs.c_xfs import c_xfs
+
+        node = self._resolve(entry)
+        fmt = node.inode.di_format
+        if fmt not in (c_xfs.xfs_dinode_fmt.XFS_DINODE_FMT_EXTENTS, c_xfs.xfs_dinode_fmt.XFS_DINODE_FMT_BTREE):
+            return None
+        return runs_to_extents(node.dataruns, int(self.fs.block_size), entry.size)
+
+
+def _bounded_chain(fat: Any, clusters: int) -> None:
+    """Make ``fat.chain`` stop with an error at a loop (Brent's cycle detection, constant memory) and after
+    ``clusters`` steps (no chain is longer than the volume has clusters)."""
+    walk = fat.chain
+
+    def chain(first: int) -> Iterator[int]:
+        power = lam = 1
+        tortoise = None
+        for steps, cluster in enumerate(walk(first), 1):
+            if cluster == tortoise:
+                raise ValueError(f"the cluster chain from cluster {first} loops")
+            if steps > clusters:
+                raise ValueError(f"the cluster chain from cluster {first} is longer than the volume")
+            yield cluster
+            if power == lam:
+                tortoise, power, lam = cluster, power * 2, 0
+            lam += 1
+
+    fat.chain = chain
 
 
 class FatGuestFS(GuestFS):
@@ -216,6 +296,7 @@ class FatGuestFS(GuestFS):
     root; the inode number stands in as the entry's first cluster (or its position for empty files)."""
 
     fstype = "fat"
+    max_file_size = 0xFFFFFFFF
 
     def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
@@ -223,6 +304,9 @@ class FatGuestFS(GuestFS):
 
         with self._guard("boot sector"):
             self.fs = FATFS(fh)
+            data = int(self.fs.total_sectors) - int(self.fs.first_data_sector)
+            self.clusters = max(0, data // max(1, int(self.fs.bpb.BPB_SecPerClus)))
+            _bounded_chain(self.fs.fat, self.clusters)
         self._next_ino = 1 << 40
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
@@ -267,13 +351,18 @@ class FatGuestFS(GuestFS):
             ext = ext.lower()
         return base + dot + ext
 
-    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        out = []
+    def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
         for n in entry.handle.iterdir():
             if n.is_volume_id() or n.name in (".", ".."):
                 continue
-            out.append(self._entry(n, self._name(n)))
-        return out
+            yield self._entry(n, self._name(n))
+
+    def _open(self, entry: GuestEntry) -> Any:
+        node = entry.handle
+        held = sum(count for _, count in node.dataruns()) * int(self.fs.cluster_size)
+        if entry.size > held:  # FAT has no holes: the chain must hold the whole size
+            raise ValueError(f"size {entry.size} is more than its cluster chain holds ({held})")
+        return node.open()
 
 
 class NtfsGuestFS(GuestFS):
@@ -300,11 +389,13 @@ class NtfsGuestFS(GuestFS):
             mtime_ns = _ts(si.last_modification_time_ns)
             atime_ns = _ts(getattr(si, "last_access_time_ns", mtime_ns))
             ctime_ns = _ts(si.last_change_time_ns)
-        target = None
+        target: str | None = None
+        damage = ""
         if record.is_reparse_point() and (record.is_symlink() or record.is_mount_point()):
             mode = stat.S_IFLNK | 0o777
-            target = str(record.reparse_point_substitute_name).replace("\\", "/")
-            size = len(target.encode())
+            name_of = str(record.reparse_point_substitute_name).replace("\\", "/")
+            size = len(name_of.encode(errors="surrogateescape"))
+            target, damage = self._link_target(size, lambda: name_of)
         elif is_dir:
             mode, size = stat.S_IFDIR | 0o755, 0
         else:
@@ -321,6 +412,7 @@ class NtfsGuestFS(GuestFS):
             atime_ns=atime_ns,
             ctime_ns=ctime_ns,
             target=target,
+            damage=damage,
         )
 
     def _root(self) -> GuestEntry:
@@ -330,7 +422,7 @@ class NtfsGuestFS(GuestFS):
         return self.fs.mft.get(entry.ino)
 
     def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        out = []
+        out: list[GuestEntry] = []
         seen = set()
         record = self._resolve(entry)
         for name, idx in record.listdir(ignore_dos=True).items():
@@ -358,16 +450,17 @@ class BtrfsGuestFS(GuestFS):
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
         entry = _inode_entry(
-            node, name, mode=int(node.mode), uid=int(node.uid), gid=int(node.gid), nlink=int(node.inode.nlink)
+            self, node, name, mode=int(node.mode), uid=int(node.uid), gid=int(node.gid), nlink=int(node.inode.nlink)
         )
         entry.handle = node  # Btrfs inode numbers are per subvolume: keep the object
+        entry.ino = int(node.subvolume.objectid) << 64 | entry.ino  # (a subvolume's root is 256 in every one)
         return entry
 
     def _root(self) -> GuestEntry:
         return self._entry(self.fs.get("/"), "")
 
-    def _listdir(self, entry: GuestEntry) -> list[GuestEntry]:
-        return [self._entry(n, name) for name, n in entry.handle.listdir().items() if name not in (".", "..")]
+    def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
+        return (self._entry(n, name) for name, n in entry.handle.iterdir() if name not in (".", ".."))
 
 
 BUILTIN = {"ext": ExtGuestFS, "xfs": XfsGuestFS, "fat": FatGuestFS, "ntfs": NtfsGuestFS, "btrfs": BtrfsGuestFS}

@@ -1,9 +1,15 @@
-"""A file-like view of a byte range of something with random access (a stored disk, a partition of it)."""
+"""A file-like view of a byte range of something with random access (a stored disk, a partition of it).
+
+Every read is an :func:`~vbfs.guestfs.bounds.io_section`: a parser that runs past its time budget is stopped
+when its read returns, never inside the store's code.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+
+from vbfs.guestfs.bounds import io_section
 
 
 class RangeReader(io.RawIOBase):
@@ -42,7 +48,8 @@ class RangeReader(io.RawIOBase):
         size = max(0, min(size, self.size - self._pos))
         if size == 0:
             return b""
-        data = self._read_at(self.base + self._pos, size)
+        with io_section():
+            data = self._read_at(self.base + self._pos, size)
         self._pos += len(data)
         return data
 

@@ -2,7 +2,8 @@
 
 Names follow the tree of DESIGN.md: partitions are ``p<N>`` by their number in the table, LVM2 logical volumes
 ``<vg>-<lv>``, and a disk without a partition table that holds a filesystem is ``whole``. Every volume carries
-the filesystem found on it, or a note that says why none is shown.
+the filesystem found on it, or a note that says why none is shown. The partition table and LVM2 metadata are
+guest data too: :func:`discover` runs under a time budget like every other parser call.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from vbfs.guestfs.bounds import ParseTimeout, budget, parse_seconds
 from vbfs.guestfs.filesystems import detect
+from vbfs.guestfs.model import GuestDataError
 from vbfs.guestfs.stream import RangeReader
 
 log = logging.getLogger(__name__)
@@ -103,6 +106,15 @@ def _identify(vol: Volume) -> None:
 
 def discover(disk: RangeReader) -> list[Volume]:
     """The volumes of one disk, in table order, logical volumes after the partition that holds them."""
+    seconds = parse_seconds()
+    try:
+        with budget(seconds):
+            return _discover(disk)
+    except ParseTimeout:
+        raise GuestDataError(f"the partition table took longer than {seconds:g} s to read (damaged?)") from None
+
+
+def _discover(disk: RangeReader) -> list[Volume]:
     whole = Volume("whole", 0, disk.size, disk.sub(0, disk.size))
     _identify(whole)
     if whole.fstype is not None:  # a filesystem on the whole disk (a FAT/NTFS boot sector looks like an MBR)

@@ -12,6 +12,11 @@ file at once but lands under its name only at the next ``flush`` (or when a batc
 Until then it is visible to this process only. A crash loses at most the objects of the open batch; they are
 temporary files that every listing ignores.
 
+Temporary files are named ``.tmp-<pid>-<host id>-<random>-<name>``: the host id (a hash of the host name, the
+boot and the pid namespace) says whether ``pid`` can be asked about here, so a temporary whose writer is gone is
+told apart from one still being written (:meth:`LocalBackend.remove_dead_temporaries`). One that cannot be asked
+about is dead once it is older than ``TEMPORARY_MAX_AGE``, which no live write keeps a temporary for.
+
 Methods are blocking and may be called from several threads at once.
 """
 
@@ -22,17 +27,47 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import os
+import re
 import secrets
+import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, cast
+
+import blake3
 
 from vbfs.errors import ObjectMissing, StorageFull, VbfsError
 from vbfs.failpoints import failpoint
 
 TMP_PREFIX = ".tmp-"
+TEMPORARY_MAX_AGE = 24 * 3600.0
+_TMP_RE = re.compile(r"\.tmp-(\d+)-([0-9a-f]{12})-[0-9a-f]{8}-")
+
+
+@functools.cache
+def host_id() -> str:
+    """Names this host, boot and pid namespace: a process id means the same process wherever this matches."""
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return blake3.blake3("\0".join(parts).encode()).hexdigest()[:12]
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return True
+    return True
 
 
 class Backend(Protocol):
@@ -149,7 +184,7 @@ class LocalBackend:
 
     def _write_temporary(self, name: str, data: bytes, sync: bool) -> tuple[Path, Path]:
         path = self._path(name)
-        tmp = path.parent / f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{host_id()}-{secrets.token_hex(4)}-{path.name}"
         try:
             try:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -251,6 +286,36 @@ class LocalBackend:
             rel = Path(dirpath).relative_to(self.root)
             out.extend(str(rel / fn) for fn in filenames if fn.startswith(TMP_PREFIX))
         return sorted(out)
+
+    def remove_dead_temporaries(self) -> tuple[int, int]:
+        """Remove the temporaries whose writer is provably gone; returns (files, bytes) removed.
+
+        Gone means: written by a process of this host (same host id) that no longer runs, or, for one that cannot
+        be asked about (another host, or a name without a writer), older than ``TEMPORARY_MAX_AGE``.
+        """
+        here = host_id()
+        now = time.time()
+        count = size = 0
+        for name in self.leftover_temporaries():
+            path = self.root / name
+            m = _TMP_RE.match(path.name)
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if m and m.group(2) == here:
+                dead = int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1)))
+            else:
+                dead = now - st.st_mtime > TEMPORARY_MAX_AGE
+            if not dead:
+                continue
+            try:
+                path.unlink()
+            except OSError:
+                continue
+            count += 1
+            size += st.st_size
+        return count, size
 
     @staticmethod
     def _fsync_dir(d: Path) -> None:

@@ -1,14 +1,21 @@
 """The object codec: chunk ids, compression, authenticated encryption, and verification on every read.
 
-Stored object layout (all integers are single bytes)::
+Stored object layout, format 2 (all integers are single bytes)::
 
-    version (1) | encryption (0 = none, 1 = AES-256-GCM) | body
-    body, unencrypted:  compression | payload
-    body, encrypted:    nonce (12) | AES-GCM( compression | payload ) with the object name as associated data
+    version (2) | encryption (0 = none, 1 = AES-256-GCM) | body
+    body, unencrypted:  checksum (32) | compression | payload
+    body, encrypted:    nonce (12) | AES-GCM( compression | payload ), associated data: the two header bytes and
+                        the object name
 
 ``compression`` is 0 (stored as is) or 1 (one zstd frame), plus 2 (``PATCH``) when the payload is a patch record
-(:mod:`vbfs.store.patch`) rather than a chunk's bytes. The object name is bound into the tag, so an object
-cannot be swapped for another one under a different name without the swap being detected.
+(:mod:`vbfs.store.patch`) rather than a chunk's bytes. The checksum of an unencrypted object is BLAKE3, keyed with
+a key derived for this purpose alone, of the object name, a zero byte, the two header bytes and the rest of the
+body; so in every mode a flipped bit anywhere in an object, and an object moved to another name, is detected
+before any of its bytes are used. A codec reads only objects of its repository's format: in a format 2 repository
+a format 1 object (which has no checksum when unencrypted) is damage, never an unchecked object.
+
+Format 1 (repositories of version 1, read only): ``1 | encryption | body`` with no checksum in unencrypted
+objects and only the object name as associated data.
 
 Chunk ids are BLAKE3 of the plaintext; in an encrypted repository BLAKE3 in keyed mode with the repository's id
 key, so the storage learns nothing from the names. ``open_chunk`` recomputes the id and compares: a flipped bit
@@ -31,7 +38,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from vbfs.errors import IntegrityError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+OLD_FORMAT_VERSION = 1
 ENC_NONE = 0
 ENC_AESGCM = 1
 COMP_NONE = 0
@@ -39,6 +47,8 @@ COMP_ZSTD = 1
 PATCH = 2  # flag in the compression byte: the payload is a patch record
 ID_SIZE = 32
 NONCE_SIZE = 12
+CHECKSUM_SIZE = 32
+_CHECKSUM_KEY = blake3.blake3(b"", derive_key_context="vbfs 2026-12 object checksum").digest()
 # Decompressed objects are never larger than this (chunk lists and manifests included).
 MAX_OBJECT_SIZE = 256 * 1024 * 1024
 
@@ -46,7 +56,12 @@ ChunkId = bytes
 
 
 class Codec:
-    def __init__(self, *, id_key: bytes | None, enc_key: bytes | None, zstd_level: int = 3):
+    def __init__(
+        self, *, id_key: bytes | None, enc_key: bytes | None, zstd_level: int = 3, object_format: int = FORMAT_VERSION
+    ):
+        if object_format not in (FORMAT_VERSION, OLD_FORMAT_VERSION):
+            raise ValueError(f"unknown object format {object_format}")
+        self.object_format = object_format
         self.id_key = id_key
         self.aead = AESGCM(enc_key) if enc_key else None
         self.zstd_level = zstd_level
@@ -89,29 +104,45 @@ class Codec:
             inner = bytes([COMP_ZSTD | flag]) + packed
         else:
             inner = bytes([COMP_NONE | flag]) + bytes(data)
+        version = self.object_format
         if self.aead is None:
-            return bytes([FORMAT_VERSION, ENC_NONE]) + inner
+            header = bytes([version, ENC_NONE])
+            if version == OLD_FORMAT_VERSION:
+                return header + inner
+            return header + _checksum(name, header, inner) + inner
+        header = bytes([version, ENC_AESGCM])
         nonce = os.urandom(NONCE_SIZE)
-        return bytes([FORMAT_VERSION, ENC_AESGCM]) + nonce + self.aead.encrypt(nonce, inner, name.encode())
+        return header + nonce + self.aead.encrypt(nonce, inner, self._aad(header, name))
+
+    def _aad(self, header: bytes, name: str) -> bytes:
+        return name.encode() if self.object_format == OLD_FORMAT_VERSION else header + name.encode()
 
     def _open(self, blob: bytes, name: str) -> tuple[bool, bytes]:
-        if len(blob) < 3 or blob[0] != FORMAT_VERSION:
+        if len(blob) < 3 or blob[0] != self.object_format:
             raise IntegrityError(f"object {name} is damaged (bad header)")
-        enc = blob[1]
+        header, enc = blob[:2], blob[1]
         if enc == ENC_NONE:
             if self.aead is not None:
                 raise IntegrityError(f"object {name} is not encrypted in an encrypted repository")
             inner = memoryview(blob)[2:]
+            if self.object_format != OLD_FORMAT_VERSION:
+                if len(blob) < 3 + CHECKSUM_SIZE:
+                    raise IntegrityError(f"object {name} is damaged (too short)")
+                inner = memoryview(blob)[2 + CHECKSUM_SIZE :]
+                if _checksum(name, header, inner) != blob[2 : 2 + CHECKSUM_SIZE]:
+                    raise IntegrityError(f"object {name} is damaged (checksum mismatch)")
         elif enc == ENC_AESGCM:
             if self.aead is None:
                 raise IntegrityError(f"object {name} is encrypted in an unencrypted repository")
             nonce = blob[2 : 2 + NONCE_SIZE]
             try:
-                inner = memoryview(self.aead.decrypt(nonce, blob[2 + NONCE_SIZE :], name.encode()))
+                inner = memoryview(self.aead.decrypt(nonce, blob[2 + NONCE_SIZE :], self._aad(header, name)))
             except InvalidTag:
                 raise IntegrityError(f"object {name} is damaged (authentication failed)") from None
         else:
             raise IntegrityError(f"object {name} is damaged (unknown encryption {enc})")
+        if not inner:
+            raise IntegrityError(f"object {name} is damaged (empty body)")
         is_patch, comp = bool(inner[0] & PATCH), inner[0] & ~PATCH
         if comp == COMP_NONE:
             return is_patch, bytes(inner[1:])
@@ -135,3 +166,9 @@ class Codec:
         if (self.patch_id(data) if is_patch else self.chunk_id(data)) != cid:
             raise IntegrityError(f"chunk {cid.hex()} is damaged (content does not match its id)")
         return is_patch, data
+
+
+def _checksum(name: str, header: bytes, inner: bytes | memoryview) -> bytes:
+    h = blake3.blake3(name.encode() + b"\0" + header, key=_CHECKSUM_KEY)
+    h.update(inner)
+    return h.digest()

@@ -139,6 +139,8 @@ class StreamFile:
         pos = 0
         for piece in ref["index"]:
             raw = repo.read_index_piece(piece)
+            if len(raw) % STREAM_ENTRY.size:
+                raise IntegrityError("a stream's chunk list piece has the wrong length")
             for off in range(0, len(raw), STREAM_ENTRY.size):
                 cid, length = STREAM_ENTRY.unpack_from(raw, off)
                 self.ids.append(cid)

@@ -2,10 +2,12 @@
 
 Layout on the backend (documented for users in docs/repository-format.md)::
 
-    config                  JSON, plaintext: format version, id, chunk size, hash, compression, encryption
+    config                  JSON, plaintext: format version, id, chunk size, hash, compression, encryption, and
+                            a MAC (encrypted) or checksum (plaintext) over them; checked by store/config.py
     keys/repokey            the wrapped master key (encrypted repositories only)
     chunks/<ab>/<id hex>    one immutable object per chunk, named by its (keyed) BLAKE3 id
-    snapshots/<id>          one immutable manifest per snapshot, encoded like a chunk
+    snapshots/<id>          one immutable manifest per snapshot, encoded like a chunk, validated on load
+                            (store/manifest.py)
     locks/                  see locks.py
 
 A disk is a list of fixed-size chunks aligned to the disk: entry ``i`` covers bytes ``[i*chunk_size,
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import struct
 import uuid
@@ -34,25 +37,32 @@ from vbfs.errors import (
     IntegrityError,
     ObjectMissing,
     RepositoryExists,
-    RepositoryFormatError,
     RepositoryNotFound,
     VbfsError,
 )
 from vbfs.failpoints import failpoint
 from vbfs.store.backend import Backend, LocalBackend
-from vbfs.store.codec import ID_SIZE, ChunkId, Codec
+from vbfs.store.codec import ENC_AESGCM, FORMAT_VERSION, ID_SIZE, OLD_FORMAT_VERSION, ChunkId, Codec
+from vbfs.store.config import (
+    OLD_REPO_VERSION,
+    REPO_FORMAT,
+    REPO_VERSION,
+    SecurityRecords,
+    seal,
+    validate_config,
+    verify_seal,
+)
 from vbfs.store.keys import create_key, unlock_key
 from vbfs.store.locks import EXCLUSIVE, SHARED, RepositoryLock, locked
+from vbfs.store.manifest import INDEX_PIECE_ENTRIES, MANIFEST_VERSION, validate_manifest
 from vbfs.store.patch import PatchRecord
 
-REPO_FORMAT = "vbfs-repository"
-REPO_VERSION = 1
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 CDC_MIN, CDC_AVG, CDC_MAX = 256 * 1024, 1024 * 1024, 4 * 1024 * 1024
-INDEX_PIECE_ENTRIES = 65536
 ZERO_ID: ChunkId = bytes(ID_SIZE)
 STREAM_ENTRY = struct.Struct("<32sQ")
-MANIFEST_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 PassphraseProvider = Callable[[bool], str]
 """Called with ``confirm`` (True when a new passphrase is being chosen); returns the passphrase."""
@@ -86,6 +96,9 @@ class Repository:
         self.config = config
         self.codec = codec
         self.location = location
+        self.warn: Callable[[str], None] = lambda message: log.warning("%s", message)
+        """Where one-line warnings go (damaged lock objects set aside, leftovers removed); the CLI prints them."""
+        self._leftovers_done = False
 
     # ---- creation and opening -------------------------------------------------------------------------------
 
@@ -109,10 +122,11 @@ class Repository:
         except OSError as exc:
             raise VbfsError(f"cannot create {location}: {exc.strerror}") from None
         backend = LocalBackend(root)
-        config = {
+        repo_id = uuid.uuid4().hex
+        config: dict[str, Any] = {
             "format": REPO_FORMAT,
             "version": REPO_VERSION,
-            "id": uuid.uuid4().hex,
+            "id": repo_id,
             "chunk_size": chunk_size,
             "hash": "blake3-keyed" if encryption == "repokey" else "blake3",
             "compression": "zstd",
@@ -121,15 +135,22 @@ class Repository:
             "encryption": encryption,
         }
         codec = Codec(id_key=None, enc_key=None)
+        records = SecurityRecords()
+        key = None
         if encryption == "repokey":
             keyfile, key = create_key(passphrase(True))
             backend.put("keys/repokey", keyfile)
             codec = Codec(id_key=key.id_key, enc_key=key.enc_key)
         for d in ("chunks", "snapshots", "locks"):
             (root / d).mkdir(exist_ok=True)
+        config = seal(config, key)
         # The config is written last: a directory without it is not a repository yet.
         backend.put("config", json.dumps(config, indent=2).encode() + b"\n")
         backend.flush()
+        if key is not None:
+            records.remember_encrypted(location, repo_id)
+        else:
+            records.forget_location(location)
         return cls(backend, config, codec, location)
 
     @classmethod
@@ -143,20 +164,43 @@ class Repository:
         try:
             config = json.loads(backend.get("config"))
         except (ValueError, UnicodeDecodeError):
-            raise RepositoryFormatError(f"the repository config at {location} is damaged") from None
+            raise IntegrityError(f"the repository config at {location} is damaged (not JSON)") from None
+        if not isinstance(config, dict):
+            raise IntegrityError(f"the repository config at {location} is damaged (not a JSON object)")
         if config.get("format") != REPO_FORMAT:
-            raise RepositoryFormatError(f"{location} is not a vbfs repository")
-        if config.get("version") != REPO_VERSION:
-            raise RepositoryFormatError(
-                f"repository format version {config.get('version')} is not supported by this vbfs"
-            )
-        if config["encryption"] == "repokey":
+            raise IntegrityError(f"{location} is not a vbfs repository (its config is damaged or another program's)")
+        has_key = backend.exists("keys/repokey")
+        key = None
+        # The seal first: a flipped bit is "damaged", whichever field it hit.
+        if "checksum" in config:
+            verify_seal(config, None, location)
+        elif "mac" in config:
+            if not has_key:
+                raise IntegrityError(f"the repository at {location} is encrypted but its key keys/repokey is missing")
             key = unlock_key(backend.get("keys/repokey"), passphrase(False))
-            codec = Codec(id_key=key.id_key, enc_key=key.enc_key, zstd_level=config.get("zstd_level", 3))
-        elif config["encryption"] == "none":
-            codec = Codec(id_key=None, enc_key=None, zstd_level=config.get("zstd_level", 3))
+            verify_seal(config, key, location)
+        config = validate_config(config, location)
+        old = config["version"] == OLD_REPO_VERSION
+        fmt = OLD_FORMAT_VERSION if old else FORMAT_VERSION
+        records = SecurityRecords()
+        if config["encryption"] == "repokey":
+            if key is None:  # a format 1 config: no MAC
+                if not has_key:
+                    raise IntegrityError(
+                        f"the repository at {location} is encrypted but its key keys/repokey is missing"
+                    )
+                key = unlock_key(backend.get("keys/repokey"), passphrase(False), require_checksum=False)
+            records.remember_encrypted(location, config["id"])
+            codec = Codec(id_key=key.id_key, enc_key=key.enc_key, zstd_level=config["zstd_level"], object_format=fmt)
         else:
-            raise RepositoryFormatError(f"unknown encryption {config['encryption']!r}")
+            if has_key:
+                raise IntegrityError(
+                    f"the config of {location} says it is not encrypted, but the repository holds a key "
+                    "(keys/repokey): refusing to use a changed config"
+                )
+            records.refuse_plaintext(location, config["id"])
+            _refuse_encrypted_objects(backend, location)
+            codec = Codec(id_key=None, enc_key=None, zstd_level=config["zstd_level"], object_format=fmt)
         return cls(backend, config, codec, location)
 
     # ---- properties ---------------------------------------------------------------------------------------------
@@ -178,9 +222,29 @@ class Repository:
         """The repository's storage cannot be written: it can be read, restored from and mounted, not backed up to."""
         return not self.backend.writable()
 
+    @property
+    def old_format(self) -> bool:
+        """A version 1 repository (unencrypted objects without checksums): read, restored from, never written."""
+        return int(self.config["version"]) == OLD_REPO_VERSION
+
     def require_writable(self) -> None:
         if self.read_only:
             raise VbfsError(f"the repository at {self.location} is on read-only storage: it can be read, not written")
+        if self.old_format:
+            raise VbfsError(
+                f"the repository at {self.location} has format version 1, which this vbfs reads but does not write "
+                "(its objects have no checksums): back up into a new repository"
+            )
+
+    def remove_leftovers(self) -> list[str]:
+        """Remove temporaries of writers that are provably gone; once per process. One line per kind removed."""
+        if self._leftovers_done or self.read_only or not isinstance(self.backend, LocalBackend):
+            return []
+        self._leftovers_done = True
+        count, size = self.backend.remove_dead_temporaries()
+        if not count:
+            return []
+        return [f"removed {count} temporary file(s) ({_human(size)}) left by interrupted writes"]
 
     def catalog_path(self) -> Path:
         """Beside the data for a plaintext repository; in the user's cache for an encrypted or read-only one."""
@@ -193,10 +257,10 @@ class Repository:
         """A shared lock; on read-only storage none can be written, and nothing can delete data there either."""
         if self.read_only:
             return nullcontext()
-        return locked(self.backend, SHARED, timeout)
+        return locked(self.backend, SHARED, timeout, warn=self.warn)
 
     def lock_exclusive(self, timeout: float = 0.0) -> AbstractContextManager[RepositoryLock]:
-        return locked(self.backend, EXCLUSIVE, timeout)
+        return locked(self.backend, EXCLUSIVE, timeout, warn=self.warn)
 
     # ---- chunks -------------------------------------------------------------------------------------------------
 
@@ -302,6 +366,8 @@ class Repository:
     def stream_chunks(self, ref: dict[str, Any]) -> Iterator[tuple[ChunkId, int]]:
         for piece in ref["index"]:
             raw = self.read_index_piece(piece)
+            if len(raw) % STREAM_ENTRY.size:
+                raise IntegrityError("a stream's chunk list piece has the wrong length")
             for off in range(0, len(raw), STREAM_ENTRY.size):
                 yield STREAM_ENTRY.unpack_from(raw, off)
 
@@ -322,13 +388,9 @@ class Repository:
         raw = self.codec.decode(self.backend.get(name), name)
         try:
             manifest = json.loads(raw)
-        except ValueError:
-            raise IntegrityError(f"snapshot manifest {snap_id} is damaged") from None
-        if manifest.get("id") != snap_id:
-            raise IntegrityError(f"snapshot manifest {snap_id} names another snapshot")
-        if manifest.get("version", 0) > MANIFEST_VERSION:
-            raise RepositoryFormatError(f"snapshot {snap_id} was written by a newer vbfs")
-        return dict(manifest)
+        except (ValueError, RecursionError):
+            raise IntegrityError(f"snapshot manifest {snap_id} is damaged (not JSON)") from None
+        return validate_manifest(manifest, snap_id)
 
     def commit_manifest(self, manifest: dict[str, Any]) -> None:
         """Make every object written so far durable, then land the manifest atomically."""
@@ -344,6 +406,30 @@ class Repository:
         self.backend.flush()
 
 
+def _refuse_encrypted_objects(backend: Backend, location: str) -> None:
+    """A config that says "none" over encrypted objects was changed (and its key file removed): refuse it."""
+    for prefix in ("snapshots/", "chunks/"):
+        for name in backend.list(prefix):
+            try:
+                blob = backend.get(name)
+            except ObjectMissing:
+                continue
+            if len(blob) > 1 and blob[1] == ENC_AESGCM:
+                raise IntegrityError(
+                    f"the config of {location} says it is not encrypted, but its objects are: refusing to use a "
+                    "changed config"
+                )
+            break
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
 def chunk_name_to_id(name: str) -> ChunkId | None:
     base = name.rsplit("/", 1)[-1].removesuffix(PATCH_SUFFIX)
     try:
@@ -353,4 +439,12 @@ def chunk_name_to_id(name: str) -> ChunkId | None:
     return cid if len(cid) == ID_SIZE else None
 
 
-__all__ = ["ZERO_ID", "ObjectMissing", "Repository", "StreamRef", "chunk_name_to_id", "chunk_object_name"]
+__all__ = [
+    "MANIFEST_VERSION",
+    "ZERO_ID",
+    "ObjectMissing",
+    "Repository",
+    "StreamRef",
+    "chunk_name_to_id",
+    "chunk_object_name",
+]

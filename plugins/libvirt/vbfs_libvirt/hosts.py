@@ -37,7 +37,9 @@ class Host(Protocol):
 
 class LocalHost:
     def make_folder(self, folder: Path, owner: tuple[int, int] | None) -> None:
-        folder.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+        if not folder.parent.is_dir():
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.parent.chmod(0o755)  # QEMU, another user, goes through it (vbfs's umask would make it 0700)
         folder.mkdir(mode=0o700)
         if owner is not None and os.geteuid() == 0:
             os.chown(folder, owner[0], os.getgid())  # QEMU creates the socket and the scratch files here
