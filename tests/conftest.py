@@ -61,6 +61,19 @@ class Vbfs:
         self("init", "-e", encryption)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Repositories opened by the tests themselves keep their cache (catalogs, security records) in a folder of the
+    test run, never in the home folder of whoever runs the tests."""
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
 @pytest.fixture
 def make_vbfs(tmp_path: Path) -> Callable[..., Vbfs]:
     def make(repo: Path | None = None, passphrase: str = "correct horse") -> Vbfs:

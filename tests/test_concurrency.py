@@ -7,6 +7,7 @@ processes are removed by the next backup or check, which say how much they remov
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -81,8 +82,7 @@ def test_two_manifests_with_one_name_are_both_shown_in_any_order(vbfs: Vbfs, tmp
     repo = Repository.open(str(vbfs.repo), lambda confirm: "")
     twins = []
     for _ in range(2):  # what two backups that finished in the same second would have written
-        m = repo.load_manifest(first["id"])
-        m["id"] = secrets.token_hex(16)
+        m = dataclasses.replace(repo.load_manifest(first["id"]), id=secrets.token_hex(16))
         repo.commit_manifest(m)
         twins.append(m)
     listed = json.loads(vbfs("snapshots", "--json").stdout)

@@ -16,6 +16,7 @@ STAGES = [
     ("put-partial:chunks", False),  # in the middle of writing the first chunk file
     ("chunk-written:3", False),  # during chunk writes: three chunks landed
     ("after-chunks", False),  # every chunk written, no manifest yet
+    ("index-written", False),  # the session's chunk index object landed, its manifest not yet
     ("put-partial:snapshots", False),  # in the middle of writing the manifest
     ("after-manifest", True),  # manifest landed, catalog not yet updated
 ]

@@ -8,6 +8,7 @@ damage, tampered configs, vanished manifests and manifests that cannot be indexe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -89,14 +90,14 @@ def _objects_of(repo: Repository, snap_id: str) -> dict[str, list[str]]:
             if any(record.base):
                 out["chunk"].add(chunk_object_name(record.base))
 
-    for d in m["disks"]:
-        out["piece"].update(chunk_object_name(bytes.fromhex(p)) for p in d["index"])
-        raw = repo.read_index(d["index"])
+    for d in m.disks:
+        out["piece"].update(chunk_object_name(bytes.fromhex(p)) for p in d.index)
+        raw = repo.read_index(d.index)
         for i in range(0, len(raw), 32):
             if any(raw[i : i + 32]):
                 chunk(raw[i : i + 32])
-    for ref in [*m.get("config", {}).values(), *([m["files_index"]] if m.get("files_index") else [])]:
-        out["piece"].update(chunk_object_name(bytes.fromhex(p)) for p in ref["index"])
+    for _item, ref in m.streams():
+        out["piece"].update(chunk_object_name(bytes.fromhex(p)) for p in ref.index)
         for cid, _ in repo.stream_chunks(ref):
             chunk(cid)
     return {k: sorted(v) for k, v in out.items()}
@@ -321,6 +322,7 @@ def test_config_fields_are_validated(make_vbfs: Callable[..., Vbfs], tmp_path: P
     v = make_vbfs()
     v.init("none")
     good = _config(v)
+    cached = sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file())  # what init remembered
     for field_name, value in BAD_FIELDS:
         with pytest.raises(IntegrityError, match=field_name):
             validate_config({**good, field_name: value}, "repo")
@@ -330,7 +332,7 @@ def test_config_fields_are_validated(make_vbfs: Callable[..., Vbfs], tmp_path: P
             _one_line_error(proc)
             assert "id is not 32 lowercase hex digits" in proc.stderr, proc.stderr
         assert not (tmp_path / "x").exists() and not Path("/tmp/elsewhere-vbfs-test").exists()
-        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        assert sorted(p for p in (tmp_path / "cache").rglob("*") if p.is_file()) == cached
 
 
 def test_encrypted_config_cannot_be_turned_into_plaintext(make_vbfs: Callable[..., Vbfs], tmp_path: Path) -> None:
@@ -486,17 +488,37 @@ def test_vanished_snapshot_is_reported_until_acknowledged(vbfs: Vbfs, tmp_path: 
     assert "disappeared" not in vbfs("snapshots").stderr
 
 
+def test_a_manifest_deleted_with_the_catalog_is_still_reported(vbfs: Vbfs, tmp_path: Path) -> None:
+    """A plaintext repository keeps its catalog inside: whoever deletes a manifest can delete or garble the
+    catalog too. The user's cache still knows the snapshot, so its disappearance is reported."""
+    image = _small_image(tmp_path / "web01.raw")
+    ids = [json.loads(vbfs("backup", f"image://{image}", "--json").stdout)["id"] for _ in range(2)]
+    (vbfs.repo / "snapshots" / ids[0]).unlink()
+    for suffix in ("", "-wal", "-shm"):
+        (vbfs.repo / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    proc = vbfs("snapshots")
+    assert ids[0] in proc.stderr and "disappeared" in proc.stderr, proc.stderr
+    assert vbfs("check", check=False).returncode == 3
+    (vbfs.repo / "catalog.sqlite").write_bytes(b"garbage" * 100)  # damaged instead of deleted: the same
+    proc = vbfs("check", "--json", check=False)
+    assert proc.returncode == 3 and any(ids[0] in e for e in json.loads(proc.stdout)["errors"]), proc.stdout
+    vbfs("check", "--acknowledge-missing", ids[0][:8])
+    assert vbfs("check").returncode == 0
+    for suffix in ("", "-wal", "-shm"):
+        (vbfs.repo / f"catalog.sqlite{suffix}").unlink(missing_ok=True)
+    assert vbfs("check").returncode == 0  # acknowledged is acknowledged, whatever happens to the catalog
+
+
 def _second_manifest(repo: Repository, snap_id: str, rows: list[object]) -> str:
     """A manifest like ``snap_id``'s with another id and name and a guest-file index holding ``rows``."""
     import secrets
 
     m = repo.load_manifest(snap_id)
-    m["id"] = secrets.token_hex(16)
-    m["name"] = m["name"] + "-9"
-    ref, _ = repo.put_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows))
-    m["files_index"] = ref.to_json()
-    repo.commit_manifest(m)
-    return str(m["id"])
+    with repo.write_session() as session:
+        ref, _ = session.put_bytes(b"".join(json.dumps(r).encode() + b"\n" for r in rows))
+        m = dataclasses.replace(m, id=secrets.token_hex(16), name=m.name + "-9", files_index=ref)
+        session.commit(m)
+    return m.id
 
 
 def test_manifest_that_cannot_be_indexed_stops_nothing(
@@ -568,3 +590,22 @@ def test_format_1_repositories_are_read_not_written(built: Built, tmp_path: Path
     chunk = max((v.repo / n for n in built.owned["other01"]["chunk"]), key=lambda p: p.stat().st_size)
     _flip(chunk, "format-1")
     assert v("check", "--verify-data", check=False).returncode == 3, "chunks are still checked against their ids"
+
+
+def test_a_config_downgraded_to_format_1_is_refused(built: Built, tmp_path: Path) -> None:
+    """Format 1 configs carry no seal: setting "version": 1 (and dropping the seal) must not make an edited config
+    acceptable. This user has seen the repository as format 2, so the config is refused; a user who has not
+    (no cache) is told the config was downgraded when the first object is read, never that snapshots are damaged."""
+    v = built.copy(tmp_path)
+    config = json.loads((v.repo / "config").read_text())
+    config = {k: val for k, val in config.items() if k not in ("mac", "checksum")}
+    (v.repo / "config").write_text(json.dumps({**config, "version": 1, "zstd_level": 19}))
+    for args in (("snapshots",), ("check",), ("restore", "other01@latest:/disks/other01.img", str(tmp_path / "o"))):
+        proc = v(*args, check=False)
+        _one_line_error(proc)
+        assert proc.returncode == 3 and "downgraded or replaced" in proc.stderr, proc.stderr
+    shutil.rmtree(tmp_path / "cache")
+    (v.repo / "catalog.sqlite").unlink(missing_ok=True)
+    proc = v("check", check=False)
+    assert proc.returncode == 3 and "downgraded or replaced" in proc.stderr, proc.stderr
+    _no_internal_error(proc)

@@ -415,9 +415,11 @@ def test_hard_linked_folder_cycles_are_cut_and_folders_are_never_aliased(vbfs: V
         assert listing.returncode == 0 and "loop" not in listing.stderr, listing.stderr
         assert len(listing.stdout.splitlines()) < 30
         assert sorted(os.listdir(vol / "a/b/c")) == ["file.txt"]
-        # the same guest folder in two places is two folders to the kernel
+        # the same guest folder in two places is two folders to the kernel, shown whole at one of them
         assert os.stat(vol / "etc").st_ino != os.stat(vol / "a/etc-again").st_ino
-        assert (vol / "a/etc-again/hostname").read_text() == "cycles\n"
+        assert (vol / "etc/hostname").read_text() == "cycles\n"
+        assert os.listdir(vol / "a/etc-again") == []
+        assert any("/a/etc-again" in line and "same folder as /etc" in line for line in m.log().splitlines())
         assert m.peak() < MEMORY_BOUND
         assert_clean_log(m)
     finally:
@@ -429,6 +431,46 @@ def test_hard_linked_folder_cycles_are_cut_and_folders_are_never_aliased(vbfs: V
     assert len(made) < 30, made
     assert (tmp_path / "restored/a/b/c/file.txt").read_text() == "deep\n"
     assert not outside(tmp_path, tmp_path / "restored", started)
+
+
+def test_hard_linked_folders_that_fan_out_do_not_multiply_the_tree(vbfs: Vbfs, tmp_path: Path) -> None:
+    """Each level holds two names of the same next folder: without care the tree doubles at every level
+    (2^16 copies of the deepest file from a 16 MiB image)."""
+    depth = 16
+    parts = [f"l{i}" for i in range(depth)]
+    tree = write_tree(tmp_path / "tree", {"/".join([*parts, "leaf.txt"]): "leaf\n", "etc/hostname": "fan\n"})
+    image = ext4_file(tmp_path / "fan.raw", 16 * MiB, tree)
+    for i in range(depth):
+        parent = "/" + "/".join(parts[:i])
+        target = "/" + "/".join(parts[: i + 1])
+        link = f"{parent.rstrip('/')}/m{i}"
+        subprocess.run(["debugfs", "-w", "-R", f"ln {target} {link}", str(image)], check=True, capture_output=True)
+
+    backup = measured(vbfs, "backup", f"image://{image}", "--json")
+    assert backup.returncode == 0 and backup.seconds < 30 and backup.peak < MEMORY_BOUND, backup
+    notes = json.loads(backup.stdout).get("notes", [])
+    assert any("same folder as" in n for n in notes), notes
+    leaves = [f for f in json.loads(vbfs("find", "leaf.txt", "--json").stdout)]
+    assert len(leaves) == 1, leaves  # shown once, not 2^16 times
+    started = time.time()
+    out = restore_into(vbfs, "fan@latest:/files/fan/whole", tmp_path / "restored")
+    assert out.returncode == 0 and out.seconds < 30, out
+    made = list((tmp_path / "restored").rglob("leaf.txt"))
+    assert len(made) == 1 and made[0].read_text() == "leaf\n"
+    assert (tmp_path / "restored/etc/hostname").read_text() == "fan\n"
+    assert not outside(tmp_path, tmp_path / "restored", started)
+
+
+def test_folders_nested_too_deep_are_left_out_and_the_rest_restores(vbfs: Vbfs, tmp_path: Path) -> None:
+    deep = "/".join(["d"] * 300)
+    tree = write_tree(tmp_path / "tree", {f"{deep}/f.txt": "bottom\n", "etc/passwd": "root:x:0:0::/root:/bin/sh\n"})
+    image = ext4_file(tmp_path / "deep.raw", 16 * MiB, tree)
+    assert measured(vbfs, "backup", f"image://{image}").returncode == 0
+    out = restore_into(vbfs, "deep@latest:/files/deep/whole", tmp_path / "restored")
+    assert out.returncode == 3 and "nested more than" in out.stderr, out
+    assert max(len(line) for line in out.stderr.splitlines()) < 400, out  # no path of 600 characters
+    assert (tmp_path / "restored/etc/passwd").read_text().startswith("root:")
+    assert not list((tmp_path / "restored").rglob("f.txt"))
 
 
 def test_a_damaged_volume_never_stops_the_other_volumes_and_disks(vbfs: Vbfs, tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from vbfs.engine.check import check
 from vbfs.plugins import plugin_manager
 from vbfs.sources import CRASH_CONSISTENT, DiskInfo, Extent, GuestInfo
 from vbfs.store.codec import ID_SIZE
+from vbfs.store.manifest import Manifest
 from vbfs.store.repository import ZERO_ID, Repository, chunk_object_name
 
 
@@ -79,13 +80,13 @@ class TrackedDisk:
         pass
 
 
-def _disk_bytes(repo: Repository, manifest: dict[str, Any]) -> bytes:
-    d = manifest["disks"][0]
-    entries = repo.read_index(d["index"])
+def _disk_bytes(repo: Repository, manifest: Manifest) -> bytes:
+    d = manifest.disks[0]
+    entries = repo.read_index(d.index)
     out = bytearray()
     for i in range(0, len(entries), ID_SIZE):
         cid = entries[i : i + ID_SIZE]
-        out += bytes(min(d["chunk_size"], d["size"] - len(out))) if cid == ZERO_ID else repo.get_chunk(cid)
+        out += bytes(min(d.chunk_size, d.size - len(out))) if cid == ZERO_ID else repo.get_chunk(cid)
     return bytes(out)
 
 
@@ -98,7 +99,7 @@ def test_changed_bytes_become_patch_records_and_read_back_exactly(vbfs: Vbfs) ->
     cat = Catalog(repo.catalog_path())
     hv = TrackedDisk()
 
-    def backup() -> dict[str, Any]:
+    def backup() -> Manifest:
         return BackupRun(repo, cat, plugin_manager(False), index_files=False).run(hv, "g", "tracked://g")  # type: ignore[arg-type]
 
     try:
@@ -108,8 +109,8 @@ def test_changed_bytes_become_patch_records_and_read_back_exactly(vbfs: Vbfs) ->
         hv.write(1 * MiB + 100, b"A" * 4096)  # inside a full chunk
         hv.write(6 * MiB, b"B" * 8192)  # inside a chunk of zeros
         inc = backup()
-        assert inc["stats"]["read_bytes"] == 4096 + 8192, "only the changed bytes are read"
-        assert inc["stats"]["new_bytes"] == 4096 + 8192, "and only they are stored"
+        assert inc.stats["read_bytes"] == 4096 + 8192, "only the changed bytes are read"
+        assert inc.stats["new_bytes"] == 4096 + 8192, "and only they are stored"
         assert len(_patches(repo)) == 2
         assert _disk_bytes(repo, inc) == bytes(hv.data)
         assert _disk_bytes(repo, full)[1 * MiB + 100 : 1 * MiB + 104] != b"AAAA", "the older snapshot is unchanged"
@@ -117,16 +118,16 @@ def test_changed_bytes_become_patch_records_and_read_back_exactly(vbfs: Vbfs) ->
         hv.write(1 * MiB + 50, b"C" * 100)  # overlaps the first change: merged into one record on the same base
         third = backup()
         assert _disk_bytes(repo, third) == bytes(hv.data)
-        assert third["stats"]["new_bytes"] == 4096 + 50, "the merged record holds the pieces of both changes"
+        assert third.stats["new_bytes"] == 4096 + 50, "the merged record holds the pieces of both changes"
 
         hv.write(1 * MiB, os.urandom(600 * 1024))  # past half the chunk: stored whole again
         fourth = backup()
-        assert fourth["stats"]["new_bytes"] == MiB
+        assert fourth.stats["new_bytes"] == MiB
         assert _disk_bytes(repo, fourth) == bytes(hv.data)
         assert check(repo, verify_data=True).ok
 
         # a patch record whose base is lost: the plain check finds it
-        base = full["disks"][0]["index"]
+        base = full.disks[0].index
         entries = repo.read_index(base)
         base_id = entries[1 * ID_SIZE : 2 * ID_SIZE]
         (vbfs.repo / chunk_object_name(base_id)).unlink()

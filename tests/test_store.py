@@ -189,18 +189,20 @@ def test_streams_read_back_at_any_offset(tmp_path: Path) -> None:
 
     repo = Repository.init(str(tmp_path / "repo"), "none", lambda confirm: "")
     data = rnd.Random(3).randbytes(9 * 1024 * 1024) + b"tail" * 1000
-    ref, stored = repo.put_bytes(data)
-    assert ref.size == len(data) and stored > 0
-    again, stored_again = repo.put_bytes(data)
-    assert again == ref and stored_again == 0, "the same stream is stored once"
-    stream = StreamFile(repo, ref.to_json(), ChunkCache(repo.get_chunk))
+    with repo.write_session() as session:
+        ref, stored = session.put_bytes(data)
+        assert ref.size == len(data) and stored > 0
+        again, stored_again = session.put_bytes(data)
+        assert again == ref and stored_again == 0, "the same stream is stored once"
+        session.flush()
+    stream = StreamFile(repo, ref, ChunkCache(repo.get_chunk))
     assert len(stream.ids) > 3, "a 9 MiB stream is cut into several content-defined chunks"
     r = rnd.Random(4)
     for _ in range(200):
         off = r.randrange(len(data))
         n = r.randrange(1, 3 * 1024 * 1024)
         assert stream.read(off, n) == data[off : off + n]
-    assert b"".join(repo.read_stream(ref.to_json())) == data
+    assert b"".join(repo.read_stream(ref)) == data
 
 
 def test_patch_records_roundtrip_merge_and_refuse_damage() -> None:
@@ -222,20 +224,24 @@ def test_patch_records_roundtrip_merge_and_refuse_damage() -> None:
 def test_patched_chunks_read_back_and_cannot_pass_for_full_ones(tmp_path: Path, encryption: str) -> None:
     repo = Repository.init(str(tmp_path / "r"), encryption, lambda confirm: "pw")
     base = os.urandom(64 * 1024)
-    base_id = repo.codec.chunk_id(base)
-    repo.put_chunk(base_id, base)
-    cid, stored = repo.put_patch(PatchRecord(base_id, len(base), ((4096, b"\xff" * 100),)))
-    assert stored > 0 and cid != repo.codec.chunk_id(base[:4096] + b"\xff" * 100 + base[4196:])
+    session = repo.write_session()
+    base_id = session.store_chunk(base).id
+    patched = session.put_patch(PatchRecord(base_id, len(base), ((4096, b"\xff" * 100),)))
+    cid = patched.id
+    assert patched.written > 0 and cid != session.store_chunk(base[:4096] + b"\xff" * 100 + base[4196:]).id
     assert repo.get_chunk(cid) == base[:4096] + b"\xff" * 100 + base[4196:]
     assert repo.chunk_patch(base_id) is None and repo.chunk_patch(cid) is not None
-    assert repo.put_patch(PatchRecord(base_id, len(base), ((4096, b"\xff" * 100),)))[1] == 0, "deduplicated"
+    assert session.chunk_patch(base_id) is None and session.chunk_patch(cid) == repo.chunk_patch(cid)
+    again = session.put_patch(PatchRecord(base_id, len(base), ((4096, b"\xff" * 100),)))
+    assert again.outcome == "dedup" and again.written == 0, "deduplicated"
     # a patch whose base is a patch is refused, and a missing base is an error, not zeros
-    chained, _ = repo.put_patch(PatchRecord(cid, len(base), ((0, b"x"),)))
+    chained = session.put_patch(PatchRecord(cid, len(base), ((0, b"x"),))).id
     with pytest.raises(IntegrityError, match="patch as its base"):
         repo.get_chunk(chained)
-    orphan, _ = repo.put_patch(PatchRecord(b"\x01" * 32, len(base), ((0, b"x"),)))
+    orphan = session.put_patch(PatchRecord(b"\x01" * 32, len(base), ((0, b"x"),))).id
     with pytest.raises(IntegrityError):
         repo.get_chunk(orphan)
+    session.close()
 
 
 def test_guest_names_that_cannot_be_folders_are_kept_under_a_safe_name() -> None:
@@ -243,6 +249,6 @@ def test_guest_names_that_cannot_be_folders_are_kept_under_a_safe_name() -> None
     assert repository_name("web _old_") == "web _old_"
     for name, readable in (("web (old)", "web _old_"), ("db/primary", "db_primary"), ("..", ".."), ("@home", "_@home")):
         kept = repository_name(name)
-        assert kept.startswith(readable + "~") and len(kept) == len(readable) + 9, kept
+        assert kept.startswith(readable + "~") and len(kept) == len(readable) + 17, kept
     assert repository_name("").startswith("guest~")
     assert repository_name("db/primary") != repository_name("db\nprimary")

@@ -29,6 +29,7 @@ from vbfs.errors import IntegrityError, SourceError, VbfsError
 from vbfs.plugins import default_manager, registry
 from vbfs.sources import SourceURL
 from vbfs.store.cache import ChunkCache
+from vbfs.store.manifest import Manifest
 from vbfs.store.repository import Repository
 from vbfs.vfs import Dir, Node, RepositoryTree, SnapshotTree, Symlink, walk_path
 
@@ -244,11 +245,11 @@ def info(obj: Ctx, json_out: bool) -> None:
 # ---- backup ------------------------------------------------------------------------------------------------------
 
 
-def _summary_line(m: dict[str, Any]) -> str:
-    s = m["stats"]
+def _summary_line(m: Manifest) -> str:
+    s = m.stats
     rate = s["read_bytes"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
     return (
-        f"{m['guest']}@{m['name']} ({m['id'][:8]}): read {human(s['read_bytes'])}, new {human(s['new_bytes'])}, "
+        f"{m.guest}@{m.name} ({m.id[:8]}): read {human(s['read_bytes'])}, new {human(s['new_bytes'])}, "
         f"deduplicated {human(s['dedup_bytes'])}, stored {human(s['stored_bytes'])}, "
         f"{s['seconds']:.1f} s, {rate:.0f} MB/s"
     )
@@ -315,7 +316,7 @@ def backup(
     repo.require_writable()
     _stop_on_sigterm()
     hv = hv_cls(url, options)
-    results: list[dict[str, Any]] = []
+    results: list[Manifest] = []
     failures: list[str] = []
     try:
         if job is not None:
@@ -350,14 +351,16 @@ def backup(
                     continue
                 results.append(manifest)
                 if not json_out:
-                    for note in manifest["notes"]:
+                    for note in manifest.notes:
                         click.echo(f"vbfs: note: {note}", err=True)
                     click.echo(_summary_line(manifest))
     finally:
         hv.close()
     if json_out:
-        rows = [{k: m[k] for k in ("id", "guest", "name", "time", "consistency", "stats", "notes")} for m in results]
-        click.echo(json.dumps(rows if job is not None else rows[0], indent=2))
+        docs = [m.to_json() for m in results]
+        rows = [{k: d[k] for k in ("id", "guest", "name", "time", "consistency", "stats", "notes")} for d in docs]
+        calls = {"backend_calls": repo.backend.calls.snapshot()}  # of the whole command: what storage requests cost
+        click.echo(json.dumps(rows if job is not None else {**rows[0], **calls}, indent=2))
     if failures:
         total = len(results) + len(failures)
         raise VbfsError(f"{len(failures)} of {total} guests failed: " + "; ".join(failures))
@@ -496,8 +499,8 @@ def restore(obj: Ctx, spec: str, target: Path, keep_setuid: bool, devices: bool)
         click.echo(f"vbfs: damaged: {failure}", err=True)
     if stats.failed:
         raise IntegrityError(
-            f"{len(stats.failed)} guest file(s) or folder(s) could not be read and were not restored "
-            f"(the rest was){f', e.g. {stats.failed[0]}' if len(stats.failed) > RESTORE_NOTES else ''}"
+            f"{len(stats.failed)} guest file(s) or folder(s) were not restored (damaged or nested too deep; "
+            f"the rest was){f', e.g. {stats.failed[0]}' if len(stats.failed) > RESTORE_NOTES else ''}"
         )
 
 

@@ -121,7 +121,7 @@ _REPOSITORY_FIRST = "A-Za-z0-9._+-"
 _REPOSITORY_REST = "A-Za-z0-9._+@ -"
 _REPOSITORY_MAX = 201  # characters of a name kept as it is
 PLAIN_NAME = re.compile(rf"[{_REPOSITORY_FIRST}][{_REPOSITORY_REST}]{{0,{_REPOSITORY_MAX - 1}}}")
-_MAPPED_NAME = re.compile(rf"[{_REPOSITORY_FIRST}][{_REPOSITORY_REST}]{{0,190}}~[0-9a-f]{{8}}")
+_MAPPED_NAME = re.compile(rf"[{_REPOSITORY_FIRST}][{_REPOSITORY_REST}]{{0,190}}~[0-9a-f]{{8,16}}")
 
 
 def is_plain_name(name: str) -> bool:
@@ -138,8 +138,9 @@ def repository_name(name: str) -> str:
     """The name a guest, disk or config file of a source is kept under in the repository.
 
     A plain name (:func:`is_plain_name`) is kept as it is. Any other is kept as a readable form (each other
-    character as ``_``, at most 191 characters, ``_`` in front of a first character that may not start a name)
-    followed by ``~`` and 8 hex digits of a hash of the whole original: ``a/b`` is ``a_b~<hash>``, never ``a_b``.
+    character as ``_``, at most 183 characters, ``_`` in front of a first character that may not start a name)
+    followed by ``~`` and 16 hex digits (64 bits: no name can be searched for that meets another one) of a hash
+    of the whole original: ``a/b`` is ``a_b~<hash>``, never ``a_b``.
     A plain name has no ``~``, so a mapped name never equals a plain one, and two originals meet only if their
     hashes do. The caller notes the change; the original stays in the manifest.
     """
@@ -148,5 +149,5 @@ def repository_name(name: str) -> str:
     readable = re.sub(f"[^{_REPOSITORY_REST}]", "_", name) or "guest"
     if not re.match(f"[{_REPOSITORY_FIRST}]", readable):
         readable = "_" + readable
-    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()[:8]
-    return f"{readable[:191]}~{digest}"
+    digest = hashlib.blake2b(name.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()[:16]
+    return f"{readable[:183]}~{digest}"

@@ -30,7 +30,6 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, cast
 
 from vbfs.errors import PathNotFound, VbfsError
@@ -41,6 +40,7 @@ from vbfs.guestfs.stream import RangeReader
 from vbfs.guestfs.volumes import Volume, discover
 from vbfs.names import host_names
 from vbfs.store.cache import ChunkCache
+from vbfs.store.manifest import Manifest, time_ns
 from vbfs.store.objects import DiskImage, StreamFile
 from vbfs.store.repository import ZERO_ID, Repository
 
@@ -320,11 +320,26 @@ class GuestDirNode(MappedDir):
                         continue
                     if name != e.name:
                         e = dataclasses.replace(e, name=name)
+                    place = f"{self.path}/{name}"
+                    first = self.fs.folder_places.setdefault(e.ino, place) if e.is_dir else place
+                    if first != place:
+                        # One folder inode listed at several places (hard-linked folders of a damaged
+                        # filesystem) would multiply the tree at every level: it is shown whole once, empty here.
+                        self.fs.note(f"{place}: shown empty: it is the same folder as {first} (a hard-linked folder)")
+                        kids[name] = AliasDirNode(self.fs, e, self.base_key, place, self)
+                        continue
                     kids[name] = guest_node(self.fs, e, self.base_key, self.path, self)
                 self._kids = kids
             return self._kids
         finally:
             self._lock.release()
+
+
+class AliasDirNode(GuestDirNode):
+    """A second place of a folder inode that is shown whole elsewhere: an empty folder with the guest's attributes."""
+
+    def _load(self) -> dict[str, Node]:
+        return {}
 
 
 class GuestLinkNode(Symlink):
@@ -390,14 +405,10 @@ class VolumeRoot(GuestDirNode):
     def __init__(self, fs: GuestFS, volume: Volume, base_key: tuple[Hashable, ...]):
         super().__init__(fs, fs.root(), base_key)
         self.name = volume.name
+        fs.folder_places.setdefault(self.entry.ino, "")
 
 
 # ---- snapshots ---------------------------------------------------------------------------------------------------
-
-
-def time_ns(iso: str) -> int:
-    t = datetime.strptime(iso, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
-    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
 FilesystemFactory = Callable[[str], Any]
@@ -407,15 +418,15 @@ class SnapshotTree:
     """What one snapshot holds; built lazily from its manifest. Thread-safe."""
 
     def __init__(
-        self, repo: Repository, manifest: dict[str, Any], cache: ChunkCache, filesystems: dict[str, Any] | None = None
+        self, repo: Repository, manifest: Manifest, cache: ChunkCache, filesystems: dict[str, Any] | None = None
     ):
         self.repo = repo
         self.manifest = manifest
         self.cache = cache
         self.filesystems = filesystems or BUILTIN_FILESYSTEMS
-        self.id = manifest["id"]
-        self.mtime_ns = time_ns(manifest["time"])
-        self.images = {d["name"]: DiskImage(repo, d, cache) for d in manifest["disks"]}
+        self.id = manifest.id
+        self.mtime_ns = time_ns(manifest.time)
+        self.images = {d.name: DiskImage(repo, d, cache) for d in manifest.disks}
         self._volumes: dict[str, list[Volume]] = {}
         self._lock = threading.RLock()
         self._root: StaticDir | None = None
@@ -434,7 +445,7 @@ class SnapshotTree:
             return self._volumes[disk]
 
     def label(self, *parts: str) -> str:
-        return " ".join([f"{self.manifest['guest']}@{self.manifest['name']}", *parts])
+        return " ".join([f"{self.manifest.guest}@{self.manifest.name}", *parts])
 
     def open_fs(self, disk: str, vol: Volume) -> GuestFS:
         assert vol.fstype is not None
@@ -446,28 +457,22 @@ class SnapshotTree:
     def vm_json(self) -> bytes:
         m = self.manifest
         volumes: dict[str, Any] = {}
-        for d in m["disks"]:
+        for d in m.disks:
             try:
-                volumes[d["name"]] = [v.describe() for v in self.volumes(d["name"])]
+                volumes[d.name] = [v.describe() for v in self.volumes(d.name)]
             except VbfsError as exc:
-                volumes[d["name"]] = {"error": str(exc)}
+                volumes[d.name] = {"error": str(exc)}
         doc = {
-            "guest": m["guest"],
-            "snapshot": {"id": m["id"], "name": m["name"], "time": m["time"], "finished": m.get("finished")},
-            "source": m["source"],
-            "consistency": m.get("consistency"),
+            "guest": m.guest,
+            "snapshot": {"id": m.id, "name": m.name, "time": m.time, "finished": m.finished},
+            "source": m.source.to_json(),
+            "consistency": m.consistency,
             "disks": [
-                {
-                    "name": d["name"],
-                    "size": d["size"],
-                    "mode": d.get("mode"),
-                    "details": d.get("details", {}),
-                    "volumes": volumes[d["name"]],
-                }
-                for d in m["disks"]
+                {"name": d.name, "size": d.size, "mode": d.mode, "details": dict(d.details), "volumes": volumes[d.name]}
+                for d in m.disks
             ],
-            "metadata": m.get("metadata", {}),
-            "notes": m.get("notes", []),
+            "metadata": dict(m.metadata),
+            "notes": list(m.notes),
         }
         return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
@@ -481,18 +486,18 @@ class SnapshotTree:
         m, sid, t = self.manifest, self.id, self.mtime_ns
         disk_nodes: list[Node] = []
         files: list[Node] = []
-        for d in m["disks"]:
-            image = self.images[d["name"]]
-            disk_file = DiskFile(image, (sid, "disks", d["name"]), t)
+        for d in m.disks:
+            image = self.images[d.name]
+            disk_file = DiskFile(image, (sid, "disks", d.name), t)
             disk_file._where = self.label(f"disks/{disk_file.name}")
             disk_nodes.append(disk_file)
-            files.append(DiskFilesDir(self, d["name"], t))
+            files.append(DiskFilesDir(self, d.name, t))
         kids: list[Node] = [
             LazyBytesFile("vm.json", (sid, "vm.json"), self.vm_json, t),
             DisksDir(self, disk_nodes, t),
             StaticDir("files", (sid, "files"), t, files),
         ]
-        if m.get("config"):
+        if m.config:
             kids.append(
                 StaticDir(
                     "config",
@@ -500,7 +505,7 @@ class SnapshotTree:
                     t,
                     [
                         StreamNode(n, (sid, "config", n), StreamFile(self.repo, ref, self.cache), t)
-                        for n, ref in sorted(m["config"].items())
+                        for n, ref in sorted(m.config.items())
                     ],
                 )
             )
@@ -670,7 +675,7 @@ class RepositoryTree:
                 self._snaps.move_to_end(snap_id)
                 return tree
         manifest = self.repo.load_manifest(snap_id)
-        log.info("opened snapshot %s@%s (%s)", manifest["guest"], manifest["name"], snap_id)
+        log.info("opened snapshot %s@%s (%s)", manifest.guest, manifest.name, snap_id)
         tree = SnapshotTree(self.repo, manifest, self.cache, self.filesystems)
         with self._lock:
             tree = self._snaps.setdefault(snap_id, tree)

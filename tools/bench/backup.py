@@ -52,7 +52,9 @@ def run_vbfs(vbfs: str, repo: Path, image: Path, step: str, chunk_mib: int = 1, 
     drop_caches()
     argv = [vbfs, "-r", str(repo), "backup", f"image://{image}", "--guest", "bench", "--json"]
     secs, rss, out = timed(argv + ([] if index else ["--no-index"]), env)
-    stats = json.loads(out)["stats"]
+    result = json.loads(out)
+    stats = result["stats"]
+    print(f"{repo.name} {step}: backend calls {result.get('backend_calls')}", file=sys.stderr)
     tool = "vbfs" if chunk_mib == 1 else f"vbfs {chunk_mib} MiB chunks"
     if not index:
         tool += " --no-index"

@@ -38,6 +38,7 @@ from vbfs.catalog import Catalog
 from vbfs.engine.backup import BackupRun
 from vbfs.plugins import plugin_manager, registry
 from vbfs.sources import SourceURL
+from vbfs.store.manifest import DiskRecord, Manifest, Source, StreamRecord
 from vbfs.store.repository import Repository
 from vbfs.testing.images import LoopDevice, gpt_ext4, write_tree
 
@@ -245,17 +246,17 @@ def bench_find(work: Path, files: int = 100_000, snapshots: int = 200) -> dict[s
             p, typ, size, mtime, mode = rows[i]
             rows[i] = (p, typ, size + 1, mtime + 1_000_000_000, mode)
         stamp = f"2026-01-01T00:00:00.{n:06d}Z"
-        manifest = {
-            "id": f"{n:032x}",
-            "guest": "big",
-            "name": f"s{n:03d}",
-            "time": stamp,
-            "finished": stamp,
-            "source": {"hypervisor": "image", "url": "image:///x"},
-            "consistency": "crash-consistent",
-            "disks": [{"name": "sda", "size": 1}],
-            "files_index": {"index": [], "size": 0},
-        }
+        manifest = Manifest(
+            id=f"{n:032x}",
+            guest="big",
+            name=f"s{n:03d}",
+            time=stamp,
+            finished=stamp,
+            source=Source("image", "image:///x"),
+            consistency="crash-consistent",
+            disks=[DiskRecord("sda", 1, MiB, [])],
+            files_index=StreamRecord(0, []),
+        )
         cat.add(manifest, rows)
     build = time.monotonic() - t0
     out = {"build_seconds": build, "db_mib": path.stat().st_size / MiB}

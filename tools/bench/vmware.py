@@ -63,8 +63,8 @@ def run_vbfs(vbfs: str, repo: Path, sim: VCenterSimulator, vm: str, step: str) -
     argv = [vbfs, "-r", str(repo), "backup", "--insecure", "--no-index", "--json", sim.source(vm)]
     secs, rss, out = timed(argv, env)
     served = sim.downloaded() - before
-    manifest = json.loads(out)
-    return Run("vbfs", step, secs, rss, du(repo), manifest["stats"]["read_bytes"]), {"served": served, **manifest}
+    result = json.loads(out)  # what `vbfs backup --json` prints of the new snapshot
+    return Run("vbfs", step, secs, rss, du(repo), result["stats"]["read_bytes"]), {"served": served, **result}
 
 
 def change_id_of(vbfs: str, repo: Path, vm: str, work: Path) -> str:

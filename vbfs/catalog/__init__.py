@@ -26,7 +26,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
 import re
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,6 +41,7 @@ from vbfs.errors import SnapshotNotFound, VbfsError
 
 if TYPE_CHECKING:
     import sqlite_utils
+from vbfs.store.manifest import Manifest, format_time, parse_time
 from vbfs.store.repository import Repository
 
 SCHEMA_VERSION = 2
@@ -136,12 +139,12 @@ def valid_file_row(row: Any) -> FileRow | None:
     return path, typ, size, mtime, mode
 
 
-def read_file_index(repo: Repository, manifest: dict[str, Any], skipped: list[int] | None = None) -> Iterable[FileRow]:
+def read_file_index(repo: Repository, manifest: Manifest, skipped: list[int] | None = None) -> Iterable[FileRow]:
     """The guest-file index stored with a snapshot: (path, type, size, mtime_ns, mode) rows.
 
     Lines that are not such a row are skipped and counted in ``skipped[0]`` when it is given."""
-    ref = manifest.get("files_index")
-    if not ref:
+    ref = manifest.files_index
+    if ref is None:
         return
 
     def parse(line: bytes) -> FileRow | None:
@@ -169,21 +172,21 @@ def read_file_index(repo: Repository, manifest: dict[str, Any], skipped: list[in
             skipped[0] += 1
 
 
-def summary_of(manifest: dict[str, Any]) -> dict[str, Any]:
-    """What a listing shows of a snapshot; a function of the manifest alone."""
+def summary_of(manifest: Manifest) -> dict[str, Any]:
+    """What a listing shows of a snapshot (JSON); a function of the manifest alone."""
     return {
-        "id": manifest["id"],
-        "guest": manifest["guest"],
-        "name": manifest["name"],
-        "time": manifest["time"],
-        "finished": manifest.get("finished"),
-        "hypervisor": manifest["source"]["hypervisor"],
-        "source": manifest["source"]["url"],
-        "consistency": manifest.get("consistency"),
-        "disks": [{"name": d["name"], "size": d["size"], "mode": d.get("mode")} for d in manifest["disks"]],
-        "config": sorted(manifest.get("config", {})),
-        "indexed": bool(manifest.get("files_index")),
-        "stats": manifest.get("stats", {}),
+        "id": manifest.id,
+        "guest": manifest.guest,
+        "name": manifest.name,
+        "time": manifest.time,
+        "finished": manifest.finished,
+        "hypervisor": manifest.source.hypervisor,
+        "source": manifest.source.url,
+        "consistency": manifest.consistency,
+        "disks": [{"name": d.name, "size": d.size, "mode": d.mode} for d in manifest.disks],
+        "config": sorted(manifest.config),
+        "indexed": manifest.files_index is not None,
+        "stats": dict(manifest.stats),
     }
 
 
@@ -236,7 +239,7 @@ def _guarded(method: Callable[..., T]) -> Callable[..., T]:
 
 
 def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    return format_time(datetime.now(UTC))
 
 
 class Catalog:
@@ -244,6 +247,8 @@ class Catalog:
         self.path = path
         self.notes: list[str] = []
         """One-line warnings about the catalog itself (set aside as damaged); the CLI prints them."""
+        self._witness: Path | None = None  # see _read_witness
+        self._witnessed: list[list[str]] | None = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -294,7 +299,8 @@ class Catalog:
                 vanished = self.conn.execute("SELECT * FROM vanished").fetchall()
         with contextlib.suppress(Exception):
             self.conn.close()
-        aside = self.path.with_name(f"{self.path.name}.damaged-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}")
+        when = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        aside = self.path.with_name(f"{self.path.name}.damaged-{when}-{secrets.token_hex(3)}")
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 Path(f"{self.path}{suffix}").replace(f"{aside}{suffix}")
@@ -324,12 +330,12 @@ class Catalog:
             raise
         conn.execute("COMMIT")
 
-    def add(self, manifest: dict[str, Any], files: Iterable[FileRow] = ()) -> list[str]:
+    def add(self, manifest: Manifest, files: Iterable[FileRow] = ()) -> list[str]:
         """Index a snapshot with its guest files as (path, type, size, mtime_ns, mode) rows; never another one's row.
 
         A snapshot already indexed is left as it is. Rows out of range are left out; if the file index cannot be
         stored at all, the snapshot is indexed without it. Returns a warning for whatever was left out."""
-        snap_id = manifest["id"]
+        snap_id = manifest.id
         if self.conn.execute("SELECT 1 FROM snapshots WHERE id = ?", [snap_id]).fetchone():
             return []
         rows: list[FileRow] = []
@@ -352,10 +358,10 @@ class Catalog:
             self._insert(manifest, [])
         return warnings
 
-    def _insert(self, manifest: dict[str, Any], files: list[FileRow]) -> None:
+    def _insert(self, manifest: Manifest, files: list[FileRow]) -> None:
         s = summary_of(manifest)
-        items = [(s["id"], "disk", d["name"], d["size"], d.get("mode") or "") for d in manifest["disks"]]
-        items += [(s["id"], "config", n, ref["size"], "") for n, ref in manifest.get("config", {}).items()]
+        items = [(s["id"], "disk", d.name, d.size, d.mode or "") for d in manifest.disks]
+        items += [(s["id"], "config", n, ref.size, "") for n, ref in manifest.config.items()]
         with self._transaction() as conn:
             if conn.execute("SELECT 1 FROM snapshots WHERE id = ?", [s["id"]]).fetchone():
                 return  # another process indexed it meanwhile
@@ -371,7 +377,7 @@ class Catalog:
                     s["hypervisor"],
                     s["source"],
                     s["consistency"] or "",
-                    sum(d["size"] for d in s["disks"]),
+                    sum(d.size for d in manifest.disks),
                     json.dumps(s, sort_keys=True),
                 ),
             )
@@ -452,6 +458,9 @@ class Catalog:
         The catalog is read before the backend is listed: a snapshot is indexed only after its manifest landed,
         so one that the catalog knew and a later listing misses is really gone (not one landing meanwhile)."""
         known = self.conn.execute("SELECT id, guest, name, time FROM snapshots").fetchall()
+        recorded = {r[0] for r in self.conn.execute("SELECT id FROM vanished").fetchall()}
+        listed = {r[0] for r in known}
+        known += [tuple(r) for r in self._read_witness(repo) if r[0] not in listed and r[0] not in recorded]
         on_repo = set(repo.snapshot_ids())
         gone = [r for r in known if r[0] not in on_repo]
         if gone:
@@ -463,6 +472,46 @@ class Catalog:
             for r in gone:
                 self.remove(r[0])
         return on_repo
+
+    # The witness: the snapshots this user's catalog knew, kept in the user's cache folder. A catalog that is lost,
+    # damaged or deleted together with a manifest (a plaintext repository keeps its catalog inside) is rebuilt
+    # from the manifests that are left; the witness still names the snapshot that went, so its disappearance is
+    # reported instead of forgotten.
+
+    def _read_witness(self, repo: Repository) -> list[list[str]]:
+        from vbfs.store.config import SecurityRecords
+
+        self._witness = SecurityRecords().folder / f"{repo.id}-snapshots.json"
+        try:
+            doc = json.loads(self._witness.read_bytes())
+        except (OSError, ValueError):
+            doc = []
+        rows = doc if isinstance(doc, list) else []
+        self._witnessed = [
+            r for r in rows if isinstance(r, list) and len(r) == 4 and all(isinstance(x, str) for x in r)
+        ]
+        return self._witnessed
+
+    def _write_witness(self) -> None:
+        if self._witness is None:
+            return
+        rows = [list(r) for r in self.conn.execute("SELECT id, guest, name, time FROM snapshots ORDER BY id")]
+        rows += [
+            list(r)
+            for r in self.conn.execute(
+                "SELECT id, guest, name, time FROM vanished WHERE acknowledged IS NULL ORDER BY id"
+            )
+        ]
+        if rows == self._witnessed:
+            return
+        tmp = self._witness.with_name(f".tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        with contextlib.suppress(OSError):  # a cache that cannot be written only loses this safeguard
+            self._witness.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                json.dump(rows, f, separators=(",", ":"))
+            os.replace(tmp, self._witness)
+            self._witnessed = rows
 
     def sync(self, repo: Repository) -> list[str]:
         """Bring the catalog in line with the manifests; return warnings: manifests that cannot be read or indexed
@@ -499,6 +548,7 @@ class Catalog:
                 if is_damage(exc) and isinstance(exc, sqlite3.DatabaseError):
                     raise
                 warnings.append(f"snapshot {snap_id} is not listed: the catalog cannot hold it ({exc})")
+        self._write_witness()
         for v in self.vanished():
             warnings.append(
                 f"snapshot {v['guest']}@{v['name']} ({v['id']}) disappeared from the repository without being "
@@ -538,13 +588,15 @@ class Catalog:
             conn.executemany(
                 "UPDATE vanished SET acknowledged = ? WHERE id = ?", [(_now(), v["id"]) for v in found]
             )
+        self._write_witness()
         return found
 
-    def audit(self, repo: Repository, manifests: dict[str, dict[str, Any]]) -> list[str]:
+    def audit(self, repo: Repository, manifests: dict[str, Manifest]) -> list[str]:
         """Compare the catalog with the manifests (and SQLite's own check); if they differ, rebuild it.
 
         ``manifests`` are those that could be read. Returns one error line when the catalog had to be rebuilt."""
         problems: list[str] = []
+        unlisted = False
         try:
             result = self.conn.execute("PRAGMA quick_check").fetchall()
             if [r[0] for r in result] != ["ok"]:
@@ -560,16 +612,18 @@ class Catalog:
                 got = json.loads(summary)
                 shown = got.get("name") if isinstance(got, dict) else None
                 want["name"] = shown
-                if got != want or guest != m["guest"] or base != m["name"] or name != shown:
+                if got != want or guest != m.guest or base != m.name or name != shown:
                     problems.append(f"the row of snapshot {sid} differs from its manifest")
-            missing = set(manifests) - listed
-            if missing:
-                problems.append(f"{len(missing)} readable snapshot(s) are not listed")
+            # A readable snapshot that is not listed yet is no damage: a backup may have landed its manifest a
+            # moment ago and not written its row yet. Sync adds it (below, or that backup does).
+            unlisted = bool(set(manifests) - listed)
         except (sqlite3.DatabaseError, ValueError, TypeError, KeyError) as exc:
             if not is_damage(exc):
                 raise
             problems.append(f"{type(exc).__name__}: {exc}")
         if not problems:
+            if unlisted:
+                self.sync(repo)
             return []
         self.set_aside(VbfsError(problems[0]))
         self.notes.clear()
@@ -693,41 +747,3 @@ class Catalog:
             raise SnapshotNotFound(f"guest {guest!r} has no snapshot at or before {which}")
         return dict(json.loads(row[0]))
 
-
-_TIME_FORMATS = (
-    "%Y-%m-%dT%H:%M:%S.%fZ",
-    "%Y-%m-%dT%H%M%SZ",
-    "%Y-%m-%dT%H%MZ",
-    "%Y-%m-%dT%H:%M:%SZ",
-    "%Y-%m-%dT%H:%M:%S",
-    "%Y-%m-%dT%H:%MZ",
-    "%Y-%m-%dT%H:%M",
-    "%Y-%m-%d %H:%M:%S",
-    "%Y-%m-%d %H:%M",
-    "%Y-%m-%d",
-)
-
-
-def parse_time(text: str) -> datetime | None:
-    """A point in time as users type it (UTC); a bare date means the end of that day."""
-    for fmt in _TIME_FORMATS:
-        try:
-            t = datetime.strptime(text, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-        if fmt == "%Y-%m-%d":
-            t = t.replace(hour=23, minute=59, second=59)
-        elif "%S" not in fmt:
-            t = t.replace(second=59)
-        return t.replace(microsecond=999999)
-    return None
-
-
-def format_time(t: datetime) -> str:
-    """ISO 8601 in UTC with microseconds: sorts as text in time order."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def snapshot_name(t: datetime) -> str:
-    """The folder name of a snapshot: its UTC time without colons (the tree is also shared over SMB)."""
-    return t.astimezone(UTC).strftime("%Y-%m-%dT%H%M%SZ")

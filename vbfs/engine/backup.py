@@ -7,7 +7,9 @@ writes release the GIL, so both cores stay busy). At most ``MAX_IN_FLIGHT`` chun
 Only what the source says may hold data (allocated extents for a full backup, changed extents for an incremental)
 is read. A chunk read in part is stored as a patch record on its previous version (or on zeros) while the parts
 stay small, so the work of an incremental follows the change, not the chunk size (:mod:`vbfs.store.patch`).
-A failed run removes the chunks of its open batch; earlier batches stay for the next run to deduplicate against.
+Chunks are stored through the run's write session (:mod:`vbfs.store.session`), which decides what is new from the
+repository's chunk index; the engine never touches the codec or the backend. A failed run removes the chunks of
+its session's open batch; earlier batches stay (unnamed until a later run stores them again or GC removes them).
 
 Consistency rules kept here:
 - ``vbfs_freeze`` is always followed by ``vbfs_thaw``, whatever fails in between.
@@ -22,19 +24,18 @@ import inspect
 import os
 import re
 import secrets
-import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, suppress
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 import pluggy
 
 from vbfs import __version__
-from vbfs.catalog import Catalog, format_time, snapshot_name, summary_of
+from vbfs.catalog import Catalog, summary_of
 from vbfs.engine.fileindex import index_snapshot
 from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import SourceError, VbfsError
@@ -44,8 +45,10 @@ from vbfs.names import repository_name as repository_name
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
 from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
+from vbfs.store.manifest import DiskRecord, Manifest, Source, StreamRecord, format_time, snapshot_name
 from vbfs.store.patch import PatchRecord
 from vbfs.store.repository import ZERO_ID, Repository
+from vbfs.store.session import Stored, WriteSession
 from vbfs.vfs import SnapshotTree
 
 MAX_IN_FLIGHT = 8
@@ -166,46 +169,22 @@ class DiskWriter:
     in part is completed in a worker from the previous backup's chunk, so unchanged bytes are never read again.
     """
 
-    def __init__(self, repo: Repository, pool: ThreadPoolExecutor, seen: set[ChunkId], seen_lock: threading.Lock):
-        self.repo = repo
+    def __init__(self, session: WriteSession, pool: ThreadPoolExecutor):
+        self.session = session
         self.pool = pool
-        self.seen = seen
-        self.seen_lock = seen_lock
-        self.zero = bytes(repo.chunk_size)
 
-    def _store(self, data: bytes) -> tuple[ChunkId, str, int, int]:
-        """Store a full chunk: (id, "zero" | "dedup" | "new", bytes written, plaintext bytes it stands for)."""
-        if data == self.zero[: len(data)]:
-            return ZERO_ID, "zero", 0, 0
-        cid = self.repo.codec.chunk_id(data)
-        with self.seen_lock:
-            if cid in self.seen:
-                return cid, "dedup", 0, len(data)
-            self.seen.add(cid)
-        try:
-            if self.repo.has_chunk(cid):
-                return cid, "dedup", 0, len(data)
-            return cid, "new", self.repo.put_chunk(cid, data), len(data)
-        except BaseException:
-            with self.seen_lock:
-                self.seen.discard(cid)
-            raise
-
-    def _patch_and_store(
-        self, base_id: ChunkId, start: int, length: int, pieces: list[tuple[int, bytes]]
-    ) -> tuple[ChunkId, str, int, int]:
+    def _patch_and_store(self, base_id: ChunkId, start: int, length: int, pieces: list[tuple[int, bytes]]) -> Stored:
         """The previous chunk with the changed pieces over it: as a patch record while the pieces stay small, so
         the work follows the change and not the chunk size; as a full chunk again once they pass half of it."""
         rel = [(offset - start, data) for offset, data in pieces]
-        previous = None if base_id == ZERO_ID else self.repo.chunk_patch(base_id)
+        previous = None if base_id == ZERO_ID else self.session.chunk_patch(base_id)
         record = (previous or PatchRecord(base_id, length, ())).overlay(rel)
         if record.length != length:
             raise VbfsError(f"the previous backup's chunk at offset {start} has {record.length} bytes, not {length}")
         if record.piece_bytes * 2 > length or len(record.pieces) > MAX_PATCH_PIECES:
-            base = bytes(length) if record.base == ZERO_ID else self.repo.get_chunk(record.base)
-            return self._store(record.apply(base))
-        cid, stored = self.repo.put_patch(record)
-        return cid, ("new" if stored else "dedup"), stored, record.piece_bytes
+            base = bytes(length) if record.base == ZERO_ID else self.session.get_chunk(record.base)
+            return self.session.store_chunk(record.apply(base))
+        return self.session.put_patch(record)
 
     @staticmethod
     def _read_all(snap: GuestSnapshot, disk: DiskInfo, ranges: Iterator[tuple[int, int]]) -> Iterator[bytes]:
@@ -225,8 +204,8 @@ class DiskWriter:
         stats: BackupStats,
         progress: Progress,
     ) -> None:
-        cs = self.repo.chunk_size
-        pending: dict[Future[tuple[ChunkId, str, int, int]], tuple[int, int]] = {}
+        cs = self.session.chunk_size
+        pending: dict[Future[Stored], tuple[int, int]] = {}
 
         def ranges() -> Iterator[tuple[int, int]]:
             for i, parts in jobs():
@@ -235,20 +214,20 @@ class DiskWriter:
                 else:
                     yield from ((e.offset, e.length) for e in parts)
 
-        def settle(done: set[Future[tuple[ChunkId, str, int, int]]]) -> None:
+        def settle(done: set[Future[Stored]]) -> None:
             for fut in done:
                 i, n = pending.pop(fut)
-                cid, kind, stored, plain = fut.result()
-                entries[i * ID_SIZE : (i + 1) * ID_SIZE] = cid
-                if kind == "zero":
+                got = fut.result()
+                entries[i * ID_SIZE : (i + 1) * ID_SIZE] = got.id
+                if got.outcome == "zero":
                     stats.zero_bytes += n
-                elif kind == "dedup":
-                    stats.dedup_bytes += plain
+                elif got.outcome == "dedup":
+                    stats.dedup_bytes += got.plain
                     stats.dedup_chunks += 1
                 else:
-                    stats.new_bytes += plain
+                    stats.new_bytes += got.plain
                     stats.new_chunks += 1
-                    stats.stored_bytes += stored
+                    stats.stored_bytes += got.written
                 progress.advance(n)
 
         data_in = self._read_all(snap, disk, ranges())
@@ -269,7 +248,7 @@ class DiskWriter:
                     pieces.append((offset, data))
                 failpoint("chunk-read")
                 if parts is None:
-                    fut = self.pool.submit(self._store, pieces[0][1])
+                    fut = self.pool.submit(self.session.store_chunk, pieces[0][1])
                 else:
                     base = bytes(entries[i * ID_SIZE : (i + 1) * ID_SIZE])
                     fut = self.pool.submit(self._patch_and_store, base, start, length, pieces)
@@ -319,7 +298,7 @@ class BackupRun:
             name = f"{snapshot_name(when)}-{n}"
         return name
 
-    def _previous_disks(self, guest: str) -> dict[str, dict[str, Any]]:
+    def _previous_disks(self, guest: str) -> dict[str, DiskRecord]:
         prev = self.catalog.latest(repository_name(guest))
         if prev is None:
             return {}
@@ -327,23 +306,23 @@ class BackupRun:
             manifest = self.repo.load_manifest(prev["id"])
         except VbfsError:
             return {}
-        return {d["name"]: d for d in manifest["disks"]}
+        return {d.name: d for d in manifest.disks}
 
     def _backup_disk(
-        self, snap: GuestSnapshot, disk: DiskInfo, prev: dict[str, Any] | None, writer: DiskWriter, kept_as: str
-    ) -> tuple[dict[str, Any], BackupStats]:
+        self, snap: GuestSnapshot, disk: DiskInfo, prev: DiskRecord | None, writer: DiskWriter, kept_as: str
+    ) -> tuple[DiskRecord, BackupStats]:
         cs = self.repo.chunk_size
         count = -(-disk.size // cs)
         stats = BackupStats()
         mode = "full"
         extents: list[Extent] | None = None
         entries: bytearray | None = None
-        token = prev.get("token") if prev else None
-        if prev and token and prev["size"] == disk.size and prev["chunk_size"] == cs:
+        token = prev.token if prev else None
+        if prev and token and prev.size == disk.size and prev.chunk_size == cs:
             changed = snap.changed_extents(disk, token)
             if changed is not None:
                 try:
-                    entries = bytearray(self.repo.read_index(prev["index"]))
+                    entries = bytearray(self.repo.read_index(prev.index))
                 except VbfsError as exc:
                     stats.notes.append(f"disk {disk.name}: previous chunk list unreadable ({exc}); full read")
                 else:
@@ -373,42 +352,38 @@ class BackupRun:
             writer.run(snap, disk, jobs, entries, stats, self.progress)
         finally:
             self.progress.end()
-        record = {
-            "name": kept_as,
-            "size": disk.size,
-            "chunk_size": cs,
-            "index": self.repo.write_index(bytes(entries), ID_SIZE),
-            "token": snap.change_token(disk),
-            "mode": mode,
-            "read_bytes": stats.read_bytes,
-            "details": dict(disk.details),
-        }
-        if kept_as != disk.name:
-            record["source_name"] = disk.name
+        record = DiskRecord(
+            name=kept_as,
+            size=disk.size,
+            chunk_size=cs,
+            index=writer.session.write_index(bytes(entries), ID_SIZE),
+            token=snap.change_token(disk),
+            mode=mode,
+            read_bytes=stats.read_bytes,
+            details=dict(disk.details),
+            source_name=disk.name if kept_as != disk.name else None,
+        )
         return record, stats
 
-    def run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
-        try:
-            return self._run(hv, guest, source_url)
-        except BaseException:
-            self.repo.backend.discard_batch()  # chunks no manifest will name
-            raise
+    def run(self, hv: Hypervisor, guest: str, source_url: str) -> Manifest:
+        # A run that fails removes its session's open batch: chunks no manifest will name.
+        with self.repo.write_session() as session:
+            return self._run(session, hv, guest, source_url)
 
-    def _run(self, hv: Hypervisor, guest: str, source_url: str) -> dict[str, Any]:
+    def _run(self, session: WriteSession, hv: Hypervisor, guest: str, source_url: str) -> Manifest:
         started = time.monotonic()
         stats = BackupStats()
+        stats.notes += session.notes
         stored_as = _kept_as("guest", guest, stats.notes)
         removed = hv.remove_leftovers(guest)
         stats.notes += [f"cleanup: {r}" for r in removed]
         stats.notes += [f"cleanup: {r}" for r in self.repo.remove_leftovers()]
         prev_disks = self._previous_disks(guest)
-        seen: set[ChunkId] = set()
-        seen_lock = threading.Lock()
         with ExitStack() as stack:
             ctx: dict[str, Any] = {}
             try:
                 self.pm.hook.vbfs_freeze(guest=guest, ctx=ctx)
-                since = {name: d["token"] for name, d in prev_disks.items() if d.get("token")}
+                since = {name: d.token for name, d in prev_disks.items() if d.token}
                 if "since" in inspect.signature(hv.snapshot).parameters:
                     snap = stack.enter_context(hv.snapshot(guest, since=since))
                 else:  # a plugin written before ``since`` existed
@@ -420,7 +395,7 @@ class BackupRun:
             pool = stack.enter_context(
                 ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="vbfs-store")
             )
-            writer = DiskWriter(self.repo, pool, seen, seen_lock)
+            writer = DiskWriter(session, pool)
             disks = snap.disks()
             names = [_kept_as("disk", d.name, stats.notes) for d in disks]
             if len(set(names)) != len(names):
@@ -431,42 +406,45 @@ class BackupRun:
                 disk_records.append(record)
                 stats.add(dstats)
             failpoint("after-chunks")
-            config = {}
+            config: dict[str, StreamRecord] = {}
             for fname, content in sorted(snap.config_files().items()):
-                ref, stored = self.repo.put_bytes(content)
-                config[_kept_as("config file", fname, stats.notes)] = ref.to_json()
+                ref, stored = session.put_bytes(content)
+                config[_kept_as("config file", fname, stats.notes)] = ref
                 stats.stored_bytes += stored
             metadata = snap.metadata()
             consistency = snap.consistency
             stats.notes += list(getattr(snap, "notes", []))
         stats.seconds = round(time.monotonic() - started, 3)
-        manifest: dict[str, Any] = {
-            "version": 1,
-            "id": secrets.token_hex(16),
-            "guest": stored_as,
-            "name": self._fresh_name(stored_as, when),
-            "time": format_time(when),
-            "finished": format_time(datetime.now(UTC)),
-            "source": {"hypervisor": hv.scheme, "url": _redact(source_url), "guest": guest},
-            "consistency": consistency,
-            "metadata": metadata,
-            "disks": disk_records,
-            "config": config,
-            "stats": {k: v for k, v in asdict(stats).items() if k != "notes"},
-            "notes": stats.notes,
-            "vbfs_version": __version__,
-        }
+        manifest = Manifest(
+            id=secrets.token_hex(16),
+            guest=stored_as,
+            name=self._fresh_name(stored_as, when),
+            time=format_time(when),
+            finished=format_time(datetime.now(UTC)),
+            source=Source(hv.scheme, _redact(source_url), guest),
+            consistency=consistency,
+            metadata=metadata,
+            disks=disk_records,
+            config=config,
+            stats={k: v for k, v in asdict(stats).items() if k != "notes"},
+            notes=stats.notes,
+            vbfs_version=__version__,
+        )
         rows: list[tuple[str, str, int, int, int]] = []
         if self.index_files:
             t0 = time.monotonic()
             cache = ChunkCache(self.repo.get_chunk, 32 * 1024 * 1024)
             tree = SnapshotTree(self.repo, manifest, cache, self.filesystems)
-            index_ref, rows, warnings = index_snapshot(tree)
-            manifest["files_index"] = index_ref
-            manifest["notes"] += warnings
-            manifest["stats"]["index_seconds"] = round(time.monotonic() - t0, 3)
-        manifest["name"] = self._fresh_name(stored_as, when)  # again: another backup may have landed meanwhile
-        self.repo.commit_manifest(manifest)
+            index_ref, rows, warnings = index_snapshot(tree, session)
+            manifest = replace(
+                manifest,
+                files_index=index_ref,
+                notes=[*manifest.notes, *warnings],
+                stats={**manifest.stats, "index_seconds": round(time.monotonic() - t0, 3)},
+            )
+        # the name again: another backup may have landed meanwhile
+        manifest = replace(manifest, name=self._fresh_name(stored_as, when))
+        session.commit(manifest)
         self.catalog.add(manifest, rows)
         self.pm.hook.vbfs_snapshot_committed(snapshot=summary_of(manifest))
         return manifest

@@ -1,14 +1,18 @@
 """Check: is every snapshot in the repository whole, and (with ``verify_data``) is every chunk intact?
 
 Without ``verify_data`` the check reads every manifest and chunk list and makes sure every chunk they name exists,
-and that the base of every patch record they name exists too (patch records are small: they are read).
+and that the base of every patch record they name exists too (patch records are small: they are read). What a
+snapshot needs is what :meth:`vbfs.store.manifest.Manifest.references` yields, patch bases included (one walk for
+check and garbage collection); ``chunks_referenced`` counts those objects.
 With it, every chunk is also read, decrypted, decompressed and hashed; a bad chunk is reported with each snapshot,
 disk and offset that uses it.
 
 Damage is reported, never raised: a manifest or chunk list that cannot be read is an error line for its snapshot
 and the others are checked as before. Given the catalog, the check also reports snapshots that vanished without
 being forgotten, and compares the catalog with the manifests (a catalog that differs is set aside and rebuilt).
-The only things it changes are leftovers that are provably dead: temporaries of writers that are gone (and,
+The chunk index (:mod:`vbfs.store.chunkindex`) is compared with the listing of the chunks: an id it names that the
+repository does not hold is an error (backups would deduplicate against it). The only things it changes are
+leftovers that are provably dead: temporaries of writers that are gone (and,
 through the lock, locks of processes that are gone), each removal reported in a note.
 """
 
@@ -17,16 +21,18 @@ from __future__ import annotations
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vbfs.engine.progress import NoProgress, Progress
-from vbfs.errors import VbfsError
+from vbfs.errors import IntegrityError, VbfsError
 
 if TYPE_CHECKING:
     from vbfs.catalog import Catalog
 from vbfs.store.backend import LocalBackend
-from vbfs.store.codec import ID_SIZE, ChunkId
-from vbfs.store.repository import PATCH_SUFFIX, STREAM_ENTRY, ZERO_ID, Repository, chunk_name_to_id
+from vbfs.store.chunkindex import compare_with_listing, load_for_check
+from vbfs.store.codec import ChunkId
+from vbfs.store.manifest import Manifest
+from vbfs.store.repository import PATCH_SUFFIX, Repository, chunk_name_to_id
 
 
 @dataclass
@@ -43,7 +49,7 @@ class CheckReport:
         return not self.errors
 
 
-Where = tuple[str, str, str, int]  # snapshot label, kind, item name, offset
+Where = tuple[str, str]  # snapshot label, where in it (an item's chunk list or offset)
 
 
 def _failure(exc: BaseException) -> str:
@@ -59,6 +65,7 @@ def check(
     report.notes += repo.remove_leftovers()
     stored: set[ChunkId] = set()
     patches: set[ChunkId] = set()
+    index = load_for_check(repo)  # before the listing: what an index object names landed before it
     for name in repo.backend.list("chunks/"):
         cid = chunk_name_to_id(name)
         if cid is None:
@@ -67,31 +74,32 @@ def check(
             stored.add(cid)
             if name.endswith(PATCH_SUFFIX):
                 patches.add(cid)
+    index_errors, index_notes = compare_with_listing(index, stored, patches)
+    report.errors += index_errors
+    report.notes += index_notes
     if isinstance(repo.backend, LocalBackend):
         tmp = repo.backend.leftover_temporaries()
         if tmp:
             report.warnings.append(f"{len(tmp)} temporary file(s) of writes in progress or of another host (harmless)")
     uses: dict[ChunkId, list[Where]] = defaultdict(list)
+    broken: set[ChunkId] = set()  # patch records whose base is missing: reported once, not verified again
+    bases: dict[ChunkId, ChunkId | None] = {}
 
-    def need(cid: ChunkId, where: Where) -> bool:
-        if cid not in stored:
-            report.errors.append(f"{_where(where)}: chunk {cid.hex()[:16]} is missing")
-            return False
-        if cid in patches and cid not in uses:  # each patch record once: its base must exist as well
+    def patch_base(cid: ChunkId) -> ChunkId | None:
+        """The base of a patch record the listing showed; each record is read once for all snapshots."""
+        if cid not in patches:
+            return None
+        if cid not in bases:
             try:
                 record = repo.chunk_patch(cid)
+            except VbfsError:
+                raise
             except Exception as exc:
-                report.errors.append(f"{_where(where)}: {_failure(exc)}")
-                return False
-            if record is not None and record.base != ZERO_ID and record.base not in stored:
-                report.errors.append(
-                    f"{_where(where)}: chunk {cid.hex()[:16]} is a patch of {record.base.hex()[:16]}, which is missing"
-                )
-                return False
-        uses[cid].append(where)
-        return True
+                raise IntegrityError(_failure(exc)) from None
+            bases[cid] = None if record is None else record.base
+        return bases[cid]
 
-    manifests: dict[str, dict[str, Any]] = {}
+    manifests: dict[str, Manifest] = {}
     for snap_id in repo.snapshot_ids():
         try:
             m = repo.load_manifest(snap_id)
@@ -100,14 +108,23 @@ def check(
             continue
         report.snapshots += 1
         manifests[snap_id] = m
-        label = f"{m['guest']}@{m['name']} ({snap_id[:8]})"
+        label = m.label
+
+        def damaged(where: str, message: str, label: str = label) -> None:
+            report.errors.append(f"{label} {where}: {message}")
+
         try:
-            for d in m["disks"]:
-                _check_disk(repo, label, d, need, report)
-            for cname, ref in m.get("config", {}).items():
-                _check_stream(repo, label, "config", cname, ref, need, report)
-            if m.get("files_index"):
-                _check_stream(repo, label, "file index", "", m["files_index"], need, report)
+            for ref in m.references(repo, patch_base, damaged):
+                if ref.id in stored:
+                    uses[ref.id].append((label, ref.where))
+                elif ref.base_of is None:
+                    report.errors.append(f"{label} {ref.where}: chunk {ref.id.hex()[:16]} is missing")
+                else:
+                    broken.add(ref.base_of)
+                    report.errors.append(
+                        f"{label} {ref.where}: chunk {ref.base_of.hex()[:16]} is a patch of {ref.id.hex()[:16]}, "
+                        "which is missing"
+                    )
         except Exception as exc:
             report.errors.append(f"{label}: {_failure(exc)}")
     if catalog is not None:
@@ -123,6 +140,8 @@ def check(
         progress.begin("verify", len(uses))
 
         def verify(cid: ChunkId) -> str | None:
+            if cid in broken:  # its base is missing: reported above
+                return None
             try:
                 repo.get_chunk(cid)
             except Exception as exc:
@@ -141,45 +160,5 @@ def check(
 
 
 def _where(w: Where) -> str:
-    label, kind, name, off = w
-    return f"{label} {kind} {name} " + ("chunk list" if off < 0 else f"offset {off}")
-
-
-def _check_disk(repo: Repository, label: str, d: dict[str, Any], need: Any, report: CheckReport) -> None:
-    count = -(-int(d["size"]) // int(d["chunk_size"]))
-    for piece in d["index"]:
-        need(bytes.fromhex(piece), (label, "disk", d["name"], -1))
-    try:
-        raw = repo.read_index(d["index"])
-    except Exception as exc:
-        report.errors.append(f"{label} disk {d['name']}: chunk list unreadable: {_failure(exc)}")
-        return
-    if len(raw) != count * ID_SIZE:
-        report.errors.append(f"{label} disk {d['name']}: chunk list has the wrong length")
-        return
-    for i in range(count):
-        cid = raw[i * ID_SIZE : (i + 1) * ID_SIZE]
-        if cid != ZERO_ID:
-            need(cid, (label, "disk", d["name"], i * int(d["chunk_size"])))
-
-
-def _check_stream(
-    repo: Repository, label: str, kind: str, name: str, ref: dict[str, Any], need: Any, report: CheckReport
-) -> None:
-    for piece in ref["index"]:
-        need(bytes.fromhex(piece), (label, kind, name, -1))
-    try:
-        raw = repo.read_index(ref["index"])
-    except Exception as exc:
-        report.errors.append(f"{label} {kind} {name}: chunk list unreadable: {_failure(exc)}")
-        return
-    if len(raw) % STREAM_ENTRY.size:
-        report.errors.append(f"{label} {kind} {name}: chunk list has the wrong length")
-        return
-    pos = 0
-    for off in range(0, len(raw), STREAM_ENTRY.size):
-        cid, length = STREAM_ENTRY.unpack_from(raw, off)
-        need(cid, (label, kind, name, pos))
-        pos += length
-    if pos != int(ref["size"]):
-        report.errors.append(f"{label} {kind} {name}: chunk list does not add up to the size")
+    label, where = w
+    return f"{label} {where}"

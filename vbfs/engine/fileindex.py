@@ -10,10 +10,12 @@ from __future__ import annotations
 import json
 import stat
 from contextlib import suppress
-from typing import Any
+from dataclasses import replace
 
 from vbfs.errors import VbfsError
 from vbfs.guestfs.bounds import index_seconds
+from vbfs.store.manifest import StreamRecord
+from vbfs.store.session import WriteSession
 from vbfs.vfs import Dir, LazyVolumeRoot, Node, SnapshotTree, Symlink, iter_tree
 
 Row = tuple[str, str, int, int, int]  # path below files/, type (f d l o), size, mtime_ns, mode
@@ -31,7 +33,7 @@ def walk_guest_files(tree: SnapshotTree) -> tuple[list[Row], list[str]]:
     """Rows for every guest file of the snapshot, and a warning for each volume that could not be read whole."""
     rows: list[Row] = []
     warnings: list[str] = []
-    files = tree.root(tree.manifest["name"]).lookup("files")
+    files = tree.root(tree.manifest.name).lookup("files")
     assert isinstance(files, Dir)
 
     def skipped(where: str, exc: VbfsError) -> None:
@@ -61,8 +63,9 @@ def encode_rows(rows: list[Row]) -> bytes:
     return b"".join(json.dumps(list(r), separators=(",", ":")).encode() + b"\n" for r in rows)
 
 
-def index_snapshot(tree: SnapshotTree) -> tuple[dict[str, Any] | None, list[Row], list[str]]:
-    """Walk, store and describe the index of a snapshot whose chunks are all stored; (ref, rows, warnings)."""
+def index_snapshot(tree: SnapshotTree, session: WriteSession) -> tuple[StreamRecord, list[Row], list[str]]:
+    """Walk, store (through ``session``) and describe the index of a snapshot whose chunks are all stored;
+    (ref, rows, warnings)."""
     rows, warnings = walk_guest_files(tree)
-    ref, _stored = tree.repo.put_bytes(encode_rows(rows))
-    return {**ref.to_json(), "entries": len(rows)}, rows, warnings
+    ref, _stored = session.put_bytes(encode_rows(rows))
+    return replace(ref, entries=len(rows)), rows, warnings

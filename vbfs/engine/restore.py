@@ -284,7 +284,10 @@ class _Restore:
             self.note(f"{self.show(rel)}: not restored: it is the same folder as {self.show(first)} (hard-linked)")
             return
         if len(rel) > MAX_DEPTH:
-            raise VbfsError(f"cannot restore {self.show(rel)}: folders nested more than {MAX_DEPTH} deep")
+            # A damaged or hostile filesystem: this folder is left out, the rest of the restore goes on.
+            shown = "/".join((*rel[:3], "...", *rel[-2:]))
+            self.stats.failed.append(f"{self.base}/{shown}: not restored: folders nested more than {MAX_DEPTH} deep")
+            return
         self.folders[key] = rel
         self._mark_notes(node)
         kids = node.children()

@@ -91,6 +91,7 @@ class GuestFS:
         self.volume_size = int(getattr(fh, "size", 0) or 0)
         self._streams: OrderedDict[int, BinaryIO] = OrderedDict()
         self.notes: list[str] = []  # what the tree changed or left out of this filesystem, and why
+        self.folder_places: dict[int, str] = {}  # folder inode → the one place in the tree that shows it whole
         self._noted: set[str] = set()
         self._notes_lock = threading.Lock()
 

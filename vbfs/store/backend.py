@@ -7,10 +7,14 @@ every listing ignores). ``flush`` makes every object put so far durable; the rep
 a snapshot manifest, which is how "the manifest lands only after every chunk it names is durable" is kept.
 
 ``put_batched`` is for the many small immutable objects of a backup (chunks): the object is written to a temporary
-file at once but lands under its name only at the next ``flush`` (or when a batch grows large), after one
+file at once but lands under its name only when its :class:`Batch` is flushed (or grows large), after one
 ``syncfs`` made the whole batch durable — one filesystem sync per batch instead of one ``fsync`` per object.
-Until then it is visible to this process only. A crash loses at most the objects of the open batch; they are
-temporary files that every listing ignores.
+Until then it is visible to this process only. Each writer (a write session) has a batch of its own, so two
+writers in one process never land or discard each other's objects. A crash loses at most the objects of the
+open batches; they are temporary files that every listing ignores.
+
+Every backend counts its calls by kind (``get``, ``put``, ``exists``, ``list``, ``delete``) in ``calls``: what a
+backup costs on storage where each call is a request.
 
 Temporary files are named ``.tmp-<pid>-<host id>-<random>-<name>``: the host id (a hash of the host name, the
 boot and the pid namespace) says whether ``pid`` can be asked about here, so a temporary whose writer is gone is
@@ -34,6 +38,7 @@ import secrets
 import socket
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol, cast
@@ -45,6 +50,7 @@ from vbfs.failpoints import failpoint
 
 TMP_PREFIX = ".tmp-"
 TEMPORARY_MAX_AGE = 24 * 3600.0
+TEMPORARY_REUSED_PID_AGE = 7 * 24 * 3600.0
 _TMP_RE = re.compile(r"\.tmp-(\d+)-([0-9a-f]{12})-[0-9a-f]{8}-")
 
 
@@ -70,16 +76,57 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+class CallCounter:
+    """Backend calls by kind (get, put, exists, list, delete); thread-safe."""
+
+    KINDS = ("get", "put", "exists", "list", "delete")
+
+    def __init__(self) -> None:
+        self._counts: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def add(self, kind: str) -> None:
+        with self._lock:
+            self._counts[kind] += 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: self._counts[k] for k in self.KINDS}
+
+    def since(self, before: dict[str, int]) -> dict[str, int]:
+        """The calls made since ``before`` (an earlier :meth:`snapshot`)."""
+        now = self.snapshot()
+        return {k: now[k] - before.get(k, 0) for k in self.KINDS}
+
+
+class Batch:
+    """One writer's objects that are written but not landed yet: name -> (temporary file, size)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[str, tuple[Path, int]] = {}
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.flush_lock = threading.Lock()  # one flush of a batch at a time: each object lands once
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.entries)
+
+
 class Backend(Protocol):
     """What the repository needs from a place that stores objects."""
+
+    calls: CallCounter
 
     def get(self, name: str) -> bytes: ...
 
     def put(self, name: str, data: bytes) -> None: ...
 
-    def put_batched(self, name: str, data: bytes) -> None: ...
+    def open_batch(self) -> Batch: ...
 
-    def discard_batch(self) -> None: ...
+    def put_batched(self, name: str, data: bytes, batch: Batch) -> None: ...
+
+    def discard_batch(self, batch: Batch) -> None: ...
 
     def exists(self, name: str) -> bool: ...
 
@@ -87,7 +134,7 @@ class Backend(Protocol):
 
     def delete(self, name: str) -> None: ...
 
-    def flush(self) -> None: ...
+    def flush(self, batch: Batch | None = None) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -111,9 +158,8 @@ class LocalBackend:
         self.root = root
         self._dirty_dirs: set[Path] = set()
         self._lock = threading.Lock()
-        self._flush_lock = threading.Lock()
-        self._batch: dict[str, tuple[Path, int]] = {}  # name -> (temporary file, size): written, not landed
-        self._batch_bytes = 0
+        self._open_batches: list[Batch] = []  # read through by get(), so a writer reads what it wrote
+        self.calls = CallCounter()
 
     def describe(self) -> str:
         return str(self.root)
@@ -132,7 +178,18 @@ class LocalBackend:
             raise ValueError(f"bad object name {name!r}")
         return self.root / name
 
+    def _pending(self, name: str) -> tuple[Path, int] | None:
+        with self._lock:
+            batches = list(self._open_batches)
+        for batch in batches:
+            with batch.lock:
+                entry = batch.entries.get(name)
+            if entry is not None:
+                return entry
+        return None
+
     def get(self, name: str) -> bytes:
+        self.calls.add("get")
         path = self._path(name)
         for _ in range(2):
             try:
@@ -140,8 +197,7 @@ class LocalBackend:
                     return f.read()
             except FileNotFoundError:
                 pass
-            with self._lock:
-                entry = self._batch.get(name)
+            entry = self._pending(name)
             if entry is None:
                 break
             tmp = entry[0]
@@ -153,12 +209,13 @@ class LocalBackend:
         raise ObjectMissing(f"object {name} is missing from the repository")
 
     def exists(self, name: str) -> bool:
+        self.calls.add("exists")
         if self._path(name).exists():
             return True
-        with self._lock:
-            return name in self._batch
+        return self._pending(name) is not None
 
     def put(self, name: str, data: bytes) -> None:
+        self.calls.add("put")
         tmp, path = self._write_temporary(name, data, sync=True)
         try:
             os.replace(tmp, path)
@@ -169,18 +226,26 @@ class LocalBackend:
         with self._lock:
             self._dirty_dirs.add(path.parent)
 
-    def put_batched(self, name: str, data: bytes) -> None:
-        tmp, _ = self._write_temporary(name, data, sync=False)
+    def open_batch(self) -> Batch:
+        """A new batch of one writer; it ends with :meth:`discard_batch` (which also removes what did not land)."""
+        batch = Batch()
         with self._lock:
-            old = self._batch.get(name)
-            self._batch[name] = (tmp, len(data))
-            self._batch_bytes += len(data) - (old[1] if old else 0)
-            full = self._batch_bytes >= BATCH_BYTES or len(self._batch) >= BATCH_OBJECTS
+            self._open_batches.append(batch)
+        return batch
+
+    def put_batched(self, name: str, data: bytes, batch: Batch) -> None:
+        self.calls.add("put")
+        tmp, _ = self._write_temporary(name, data, sync=False)
+        with batch.lock:
+            old = batch.entries.get(name)
+            batch.entries[name] = (tmp, len(data))
+            batch.bytes += len(data) - (old[1] if old else 0)
+            full = batch.bytes >= BATCH_BYTES or len(batch.entries) >= BATCH_OBJECTS
         if old is not None:  # the same object twice in one batch: the same bytes, keep one
             with contextlib.suppress(OSError):
                 old[0].unlink()
         if full:
-            self.flush()
+            self.flush(batch)
 
     def _write_temporary(self, name: str, data: bytes, sync: bool) -> tuple[Path, Path]:
         path = self._path(name)
@@ -208,6 +273,7 @@ class LocalBackend:
         return tmp, path
 
     def list(self, prefix: str) -> Iterator[str]:
+        self.calls.add("list")
         base = self._path(prefix.rstrip("/")) if prefix else self.root
         if not base.is_dir():
             return
@@ -219,6 +285,7 @@ class LocalBackend:
                     yield str(rel / fn)
 
     def delete(self, name: str) -> None:
+        self.calls.add("delete")
         path = self._path(name)
         try:
             path.unlink()
@@ -227,37 +294,49 @@ class LocalBackend:
         with self._lock:
             self._dirty_dirs.add(path.parent)
 
-    def flush(self) -> None:
-        """Land the open batch (sync its files, rename them into place) and make every landed object durable."""
-        with self._flush_lock:
-            with self._lock:
-                batch = list(self._batch.items())
-            if batch:
-                self._sync([tmp for _, (tmp, _) in batch])
-                for name, (tmp, size) in batch:
-                    path = self._path(name)
-                    try:
-                        os.replace(tmp, path)
-                    except OSError as exc:
-                        raise _storage_error(exc, name) from None
-                    with self._lock:
-                        if self._batch.get(name, (None, 0))[0] == tmp:
-                            del self._batch[name]
-                            self._batch_bytes -= size
-                        self._dirty_dirs.add(path.parent)
-            with self._lock:
-                dirs, self._dirty_dirs = self._dirty_dirs, set()
-            if batch and _syncfs is not None:
-                self._sync([])  # one filesystem sync makes the renames durable too
-            else:
-                for d in sorted(dirs):
-                    self._fsync_dir(d)
+    def flush(self, batch: Batch | None = None) -> None:
+        """Land ``batch`` (sync its files, rename them into place) and make every landed object durable.
 
-    def discard_batch(self) -> None:
-        """Forget the open batch and remove its temporary files (a backup that failed will not name them)."""
+        Only that batch lands: another writer's open batch stays as it is.
+        """
+        with batch.flush_lock if batch is not None else contextlib.nullcontext():
+            self._land(batch)
+
+    def _land(self, batch: Batch | None) -> None:
+        pending: builtins.list[tuple[str, tuple[Path, int]]] = []
+        if batch is not None:
+            with batch.lock:
+                pending = list(batch.entries.items())
+        if pending:
+            self._sync([tmp for _, (tmp, _) in pending])
+            for name, (tmp, size) in pending:
+                path = self._path(name)
+                try:
+                    os.replace(tmp, path)
+                except OSError as exc:
+                    raise _storage_error(exc, name) from None
+                assert batch is not None
+                with batch.lock:
+                    if batch.entries.get(name, (None, 0))[0] == tmp:
+                        del batch.entries[name]
+                        batch.bytes -= size
+                with self._lock:
+                    self._dirty_dirs.add(path.parent)
         with self._lock:
-            batch, self._batch, self._batch_bytes = self._batch, {}, 0
-        for tmp, _ in batch.values():
+            dirs, self._dirty_dirs = self._dirty_dirs, set()
+        if pending and _syncfs is not None:
+            self._sync([])  # one filesystem sync makes the renames durable too
+        else:
+            for d in sorted(dirs):
+                self._fsync_dir(d)
+
+    def discard_batch(self, batch: Batch) -> None:
+        """End ``batch``: remove the temporary files of its objects that did not land (nothing will name them)."""
+        with self._lock, contextlib.suppress(ValueError):
+            self._open_batches.remove(batch)
+        with batch.lock:
+            entries, batch.entries, batch.bytes = batch.entries, {}, 0
+        for tmp, _ in entries.values():
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
@@ -290,7 +369,8 @@ class LocalBackend:
     def remove_dead_temporaries(self) -> tuple[int, int]:
         """Remove the temporaries whose writer is provably gone; returns (files, bytes) removed.
 
-        Gone means: written by a process of this host (same host id) that no longer runs, or, for one that cannot
+        Gone means: written by a process of this host (same host id) that no longer runs (or whose pid has been
+        running for more than ``TEMPORARY_REUSED_PID_AGE`` since the write: a reused pid), or, for one that cannot
         be asked about (another host, or a name without a writer), older than ``TEMPORARY_MAX_AGE``.
         """
         here = host_id()
@@ -304,7 +384,11 @@ class LocalBackend:
             except OSError:
                 continue
             if m and m.group(2) == here:
-                dead = int(m.group(1)) != os.getpid() and not process_alive(int(m.group(1)))
+                # A live pid may be another process that took a dead writer's pid: after a week it is dead too
+                # (no backup writes one temporary that long).
+                dead = int(m.group(1)) != os.getpid() and (
+                    not process_alive(int(m.group(1))) or now - st.st_mtime > TEMPORARY_REUSED_PID_AGE
+                )
             else:
                 dead = now - st.st_mtime > TEMPORARY_MAX_AGE
             if not dead:

@@ -119,6 +119,11 @@ class Codec:
 
     def _open(self, blob: bytes, name: str) -> tuple[bool, bytes]:
         if len(blob) < 3 or blob[0] != self.object_format:
+            if len(blob) >= 3 and blob[0] == FORMAT_VERSION and self.object_format == OLD_FORMAT_VERSION:
+                raise IntegrityError(
+                    f"object {name} has format {FORMAT_VERSION} but the repository's config says format "
+                    f"{OLD_FORMAT_VERSION}: the config was downgraded or replaced"
+                )
             raise IntegrityError(f"object {name} is damaged (bad header)")
         header, enc = blob[:2], blob[1]
         if enc == ENC_NONE:

@@ -150,11 +150,31 @@ class SecurityRecords:
                 json.dump(doc, f)
             os.replace(tmp, path)
 
-    def remember_encrypted(self, location: str, repo_id: str) -> None:
-        doc = {"id": repo_id, "encryption": "repokey", "location": os.path.realpath(location)}
+    def _remember(self, location: str, repo_id: str, **fields: Any) -> None:
         for path in (self._id_file(repo_id), self._location_file(location)):
-            if self._read(path) != doc:
-                self._write(path, doc)
+            doc = self._read(path)
+            if doc.get("id") != repo_id:
+                doc = {}  # the location held another repository before
+            new = {**doc, "id": repo_id, "location": os.path.realpath(location), **fields}
+            if new != doc:
+                self._write(path, new)
+
+    def remember_encrypted(self, location: str, repo_id: str) -> None:
+        self._remember(location, repo_id, encryption="repokey")
+
+    def remember_format(self, location: str, repo_id: str, version: int) -> None:
+        self._remember(location, repo_id, version=version)
+
+    def refuse_older_format(self, location: str, repo_id: str, version: int) -> None:
+        """Raise if this user saw this repository with a newer format than its config now says (a config
+        downgraded to format 1 would drop its seal: refused like any other change)."""
+        for path in (self._id_file(repo_id), self._location_file(location)):
+            seen = self._read(path)
+            if seen.get("id") == repo_id and _is_int(seen.get("version")) and seen["version"] > version:
+                raise IntegrityError(
+                    f"the repository {repo_id} had format {seen['version']} when this user last used it, but its "
+                    f"config now says format {version}: the config was downgraded or replaced; refusing it"
+                )
 
     def forget_location(self, location: str) -> None:
         """A new repository was created at ``location``: what was there before is no reason to refuse it."""

@@ -10,23 +10,23 @@ from __future__ import annotations
 import bisect
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 from vbfs.errors import IntegrityError
 from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
+from vbfs.store.manifest import DiskRecord, StreamRecord
 from vbfs.store.repository import INDEX_PIECE_ENTRIES, STREAM_ENTRY, ZERO_ID, Repository
 
 PREFETCH_CHUNKS = 3
 
 
 class DiskImage:
-    def __init__(self, repo: Repository, disk: dict[str, Any], cache: ChunkCache):
+    def __init__(self, repo: Repository, disk: DiskRecord, cache: ChunkCache):
         self.repo = repo
-        self.name = str(disk["name"])
-        self.size = int(disk["size"])
-        self.chunk_size = int(disk["chunk_size"])
-        self.pieces: list[str] = list(disk["index"])
+        self.name = disk.name
+        self.size = disk.size
+        self.chunk_size = disk.chunk_size
+        self.pieces: list[str] = list(disk.index)
         self.count = -(-self.size // self.chunk_size)
         self.cache = cache
         self._loaded: dict[int, bytes] = {}
@@ -131,13 +131,13 @@ class DiskImage:
 
 
 class StreamFile:
-    def __init__(self, repo: Repository, ref: dict[str, Any], cache: ChunkCache):
-        self.size = int(ref["size"])
+    def __init__(self, repo: Repository, ref: StreamRecord, cache: ChunkCache):
+        self.size = ref.size
         self.cache = cache
         self.ids: list[ChunkId] = []
         self.starts: list[int] = []
         pos = 0
-        for piece in ref["index"]:
+        for piece in ref.index:
             raw = repo.read_index_piece(piece)
             if len(raw) % STREAM_ENTRY.size:
                 raise IntegrityError("a stream's chunk list piece has the wrong length")

@@ -8,6 +8,7 @@ Layout on the backend (documented for users in docs/repository-format.md)::
     chunks/<ab>/<id hex>    one immutable object per chunk, named by its (keyed) BLAKE3 id
     snapshots/<id>          one immutable manifest per snapshot, encoded like a chunk, validated on load
                             (store/manifest.py)
+    index/<session id>      the chunks and patch records one write session stored (store/chunkindex.py)
     locks/                  see locks.py
 
 A disk is a list of fixed-size chunks aligned to the disk: entry ``i`` covers bytes ``[i*chunk_size,
@@ -19,19 +20,16 @@ list are shared between snapshots and a manifest stays a few KiB however large t
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import struct
+import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
-
-from pyfastcdc.cy import FastCDC
+from typing import TYPE_CHECKING, Any
 
 from vbfs.errors import (
     IntegrityError,
@@ -54,8 +52,12 @@ from vbfs.store.config import (
 )
 from vbfs.store.keys import create_key, unlock_key
 from vbfs.store.locks import EXCLUSIVE, SHARED, RepositoryLock, locked
-from vbfs.store.manifest import INDEX_PIECE_ENTRIES, MANIFEST_VERSION, validate_manifest
+from vbfs.store.manifest import INDEX_PIECE_ENTRIES, MANIFEST_VERSION, Manifest, StreamRecord
 from vbfs.store.patch import PatchRecord
+
+if TYPE_CHECKING:
+    from vbfs.store.chunkindex import ChunkIndex
+    from vbfs.store.session import WriteSession
 
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 CDC_MIN, CDC_AVG, CDC_MAX = 256 * 1024, 1024 * 1024, 4 * 1024 * 1024
@@ -81,13 +83,8 @@ def patch_object_name(cid: ChunkId) -> str:
     return chunk_object_name(cid) + PATCH_SUFFIX
 
 
-@dataclass(frozen=True)
-class StreamRef:
-    size: int
-    index: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"size": self.size, "index": self.index}
+StreamRef = StreamRecord
+"""What storing a stream gives: its size and chunk-list pieces (:class:`vbfs.store.manifest.StreamRecord`)."""
 
 
 class Repository:
@@ -99,6 +96,8 @@ class Repository:
         self.warn: Callable[[str], None] = lambda message: log.warning("%s", message)
         """Where one-line warnings go (damaged lock objects set aside, leftovers removed); the CLI prints them."""
         self._leftovers_done = False
+        self._index: ChunkIndex | None = None  # the chunk index the last write session started from
+        self._index_lock = threading.Lock()
 
     # ---- creation and opening -------------------------------------------------------------------------------
 
@@ -151,6 +150,7 @@ class Repository:
             records.remember_encrypted(location, repo_id)
         else:
             records.forget_location(location)
+        records.remember_format(location, repo_id, REPO_VERSION)
         return cls(backend, config, codec, location)
 
     @classmethod
@@ -183,6 +183,9 @@ class Repository:
         old = config["version"] == OLD_REPO_VERSION
         fmt = OLD_FORMAT_VERSION if old else FORMAT_VERSION
         records = SecurityRecords()
+        records.refuse_older_format(location, config["id"], config["version"])
+        if not old:
+            records.remember_format(location, config["id"], config["version"])
         if config["encryption"] == "repokey":
             if key is None:  # a format 1 config: no MAC
                 if not has_key:
@@ -264,16 +267,20 @@ class Repository:
 
     # ---- chunks -------------------------------------------------------------------------------------------------
 
-    def has_chunk(self, cid: ChunkId) -> bool:
-        return self.backend.exists(chunk_object_name(cid))
+    def write_session(self) -> WriteSession:
+        """A session that stores chunks, chunk lists and streams and commits one manifest (a context manager).
 
-    def put_chunk(self, cid: ChunkId, data: bytes | memoryview) -> int:
-        """Store a chunk; returns the number of bytes it takes on the backend."""
-        name = chunk_object_name(cid)
-        blob = self.codec.encode(data, name)
-        self.backend.put_batched(name, blob)
-        failpoint("chunk-written")
-        return len(blob)
+        It starts from the chunk index (loaded once per repository object, then brought up to date from the new
+        index objects), so its dedup decisions cost no backend call per chunk.
+        """
+        from vbfs.store.chunkindex import ChunkIndex
+        from vbfs.store.session import WriteSession
+
+        self.require_writable()
+        with self._index_lock:
+            self._index = ChunkIndex.load(self, self._index)
+            index = self._index
+        return WriteSession(self, index)
 
     def get_chunk(self, cid: ChunkId) -> bytes:
         """A chunk's bytes, verified; a chunk stored as a patch record is read from its base and its pieces."""
@@ -306,34 +313,7 @@ class Repository:
         record = self._load(cid)
         return record if isinstance(record, PatchRecord) else None
 
-    def put_patch(self, record: PatchRecord) -> tuple[ChunkId, int]:
-        """Store a patch record; returns its id and the bytes it takes on the backend (0 if it was there)."""
-        raw = record.to_bytes()
-        cid = self.codec.patch_id(raw)
-        name = patch_object_name(cid)
-        if self.backend.exists(name):
-            return cid, 0
-        blob = self.codec.encode(raw, name, patch=True)
-        self.backend.put_batched(name, blob)
-        failpoint("chunk-written")
-        return cid, len(blob)
-
-    def store_blob(self, data: bytes) -> tuple[ChunkId, int]:
-        """Store ``data`` as a chunk if it is not there yet; return its id and the bytes newly stored."""
-        cid = self.codec.chunk_id(data)
-        if self.has_chunk(cid):
-            return cid, 0
-        return cid, self.put_chunk(cid, data)
-
     # ---- indexes (chunk lists) ----------------------------------------------------------------------------------
-
-    def write_index(self, entries: bytes, entry_size: int) -> list[str]:
-        piece = INDEX_PIECE_ENTRIES * entry_size
-        ids = []
-        for off in range(0, len(entries), piece):
-            cid, _ = self.store_blob(entries[off : off + piece])
-            ids.append(cid.hex())
-        return ids
 
     def read_index_piece(self, piece_id: str) -> bytes:
         try:
@@ -341,37 +321,20 @@ class Repository:
         except ValueError:
             raise IntegrityError(f"bad chunk-list id {piece_id!r} in a manifest") from None
 
-    def read_index(self, piece_ids: list[str]) -> bytes:
+    def read_index(self, piece_ids: Sequence[str]) -> bytes:
         return b"".join(self.read_index_piece(p) for p in piece_ids)
 
     # ---- streams --------------------------------------------------------------------------------------------------
 
-    def put_stream(self, fh: BinaryIO) -> tuple[StreamRef, int, int]:
-        """Store a byte stream with content-defined chunks; return (ref, bytes read, bytes newly stored)."""
-        cdc = FastCDC(avg_size=CDC_AVG, min_size=CDC_MIN, max_size=CDC_MAX)
-        entries = bytearray()
-        size = stored = 0
-        for chunk in cdc.cut_stream(fh):
-            data = bytes(chunk.data)
-            cid, new = self.store_blob(data)
-            stored += new
-            size += len(data)
-            entries += STREAM_ENTRY.pack(cid, len(data))
-        return StreamRef(size, self.write_index(bytes(entries), STREAM_ENTRY.size)), size, stored
-
-    def put_bytes(self, data: bytes) -> tuple[StreamRef, int]:
-        ref, _size, stored = self.put_stream(io.BytesIO(data))
-        return ref, stored
-
-    def stream_chunks(self, ref: dict[str, Any]) -> Iterator[tuple[ChunkId, int]]:
-        for piece in ref["index"]:
+    def stream_chunks(self, ref: StreamRecord) -> Iterator[tuple[ChunkId, int]]:
+        for piece in ref.index:
             raw = self.read_index_piece(piece)
             if len(raw) % STREAM_ENTRY.size:
                 raise IntegrityError("a stream's chunk list piece has the wrong length")
             for off in range(0, len(raw), STREAM_ENTRY.size):
                 yield STREAM_ENTRY.unpack_from(raw, off)
 
-    def read_stream(self, ref: dict[str, Any]) -> Iterator[bytes]:
+    def read_stream(self, ref: StreamRecord) -> Iterator[bytes]:
         for cid, length in self.stream_chunks(ref):
             data = self.get_chunk(cid)
             if len(data) != length:
@@ -383,21 +346,21 @@ class Repository:
     def snapshot_ids(self) -> list[str]:
         return sorted(name.split("/", 1)[1] for name in self.backend.list("snapshots/"))
 
-    def load_manifest(self, snap_id: str) -> dict[str, Any]:
+    def load_manifest(self, snap_id: str) -> Manifest:
         name = f"snapshots/{snap_id}"
         raw = self.codec.decode(self.backend.get(name), name)
         try:
             manifest = json.loads(raw)
         except (ValueError, RecursionError):
             raise IntegrityError(f"snapshot manifest {snap_id} is damaged (not JSON)") from None
-        return validate_manifest(manifest, snap_id)
+        return Manifest.from_json(manifest, snap_id)
 
-    def commit_manifest(self, manifest: dict[str, Any]) -> None:
+    def commit_manifest(self, manifest: Manifest) -> None:
         """Make every object written so far durable, then land the manifest atomically."""
         failpoint("before-manifest")
         self.backend.flush()
-        name = f"snapshots/{manifest['id']}"
-        self.backend.put(name, self.codec.encode(json.dumps(manifest, sort_keys=True).encode(), name))
+        name = f"snapshots/{manifest.id}"
+        self.backend.put(name, self.codec.encode(json.dumps(manifest.to_json(), sort_keys=True).encode(), name))
         self.backend.flush()
         failpoint("after-manifest")
 
@@ -440,6 +403,7 @@ def chunk_name_to_id(name: str) -> ChunkId | None:
 
 
 __all__ = [
+    "INDEX_PIECE_ENTRIES",
     "MANIFEST_VERSION",
     "ZERO_ID",
     "ObjectMissing",
