@@ -65,7 +65,10 @@ class _Arm:
         self.done = False
 
 
-_lock = threading.Condition(threading.Lock())
+# A plain lock for ``with``: a ``Condition`` takes it in a Python frame, where a timeout raised in the thread at
+# that moment would leave it held for good (every parser call and the watchdog would then hang).
+_lock = threading.Lock()
+_wake = threading.Condition(_lock)  # the watchdog sleeps on it; arming wakes it
 _armed: dict[int, _Arm] = {}
 _local = threading.local()
 _watchdog: threading.Thread | None = None
@@ -92,7 +95,7 @@ def _watch() -> None:
                         wait = min(wait, 0.05)  # it checks the deadline itself when its read returns
                 else:
                     wait = min(wait, arm.deadline - now)
-            _lock.wait(max(wait, 0.01))
+            _wake.wait(max(wait, 0.01))
 
 
 def _start_watchdog() -> None:
@@ -143,20 +146,22 @@ def budget(seconds: float | None = None) -> Iterator[None]:
     if cap is not None:
         deadline = min(deadline, cap)
     with _lock:
-        arm = _armed.get(tid)
-        nested = arm is not None
-        if arm is not None:
-            arm.deadline = min(arm.deadline, deadline)
-        else:
-            arm = _armed[tid] = _Arm(tid, deadline)
-            _local.arm = arm
-            _start_watchdog()
-            _lock.notify()
-    if nested:
+        outer = _armed.get(tid)
+        if outer is not None:
+            outer.deadline = min(outer.deadline, deadline)
+    if outer is not None:
         yield
         return
+    arm = _Arm(tid, deadline)
     late = False
     try:
+        # Armed inside the ``try``: a timeout that lands the moment the lock is let go is still disarmed below
+        # (an arm left behind would make every later budget of this thread look nested, and expired).
+        with _lock:
+            _armed[tid] = arm
+            _local.arm = arm
+            _start_watchdog()
+            _wake.notify()
         yield
     except ParseTimeout:
         late = True
