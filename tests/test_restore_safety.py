@@ -338,7 +338,9 @@ def test_a_stopped_restore_leaves_nothing_behind(
             time.sleep(0.002)
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and "vbfs: interrupted" in err and "Traceback" not in err, err
+        assert "Traceback" not in err, err
+        # The signal may come after the last byte (the restore then ends normally, with the whole file).
+        assert proc.returncode == 0 or (proc.returncode == 130 and "vbfs: interrupted" in err), err
         left = set(os.listdir(out.parent)) - before
         if left == {out.name}:  # the signal came after the rename, while the restore synced: the file is whole
             assert sha256(out) == sha256(tree / "big.bin")

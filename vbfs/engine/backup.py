@@ -418,7 +418,7 @@ class BackupRun:
         manifest = Manifest(
             id=secrets.token_hex(16),
             guest=stored_as,
-            name=self._fresh_name(stored_as, when),
+            name=snapshot_name(when),  # chosen for good just before the commit, below
             time=format_time(when),
             finished=format_time(datetime.now(UTC)),
             source=Source(hv.scheme, _redact(source_url), guest),

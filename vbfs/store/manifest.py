@@ -448,15 +448,19 @@ class Manifest:
                 raise IntegrityError(f"{self.label} {where}: {message}")
             damaged(where, message)
 
+        def chunk_list(item: str, pieces: Sequence[str]) -> bytes | None:
+            try:
+                return repo.read_index(pieces)
+            except VbfsError as exc:
+                report(item, f"chunk list unreadable: {exc}")
+                return None
+
         base_of = patch_base or default_base
         for d in self.disks:
             item = f"disk {d.name}"
-            for piece in d.index:
-                yield Reference(bytes.fromhex(piece), item, -1)
-            try:
-                raw = repo.read_index(d.index)
-            except VbfsError as exc:
-                report(item, f"chunk list unreadable: {exc}")
+            yield from (Reference(bytes.fromhex(piece), item, -1) for piece in d.index)
+            raw = chunk_list(item, d.index)
+            if raw is None:
                 continue
             if len(raw) != d.chunks * ID_SIZE:
                 report(item, "chunk list has the wrong length")
@@ -477,12 +481,9 @@ class Manifest:
                 if base is not None and base != _ZERO_ID:
                     yield Reference(base, item, ref.offset, base_of=cid)
         for item, stream in self.streams():
-            for piece in stream.index:
-                yield Reference(bytes.fromhex(piece), item, -1)
-            try:
-                raw = repo.read_index(stream.index)
-            except VbfsError as exc:
-                report(item, f"chunk list unreadable: {exc}")
+            yield from (Reference(bytes.fromhex(piece), item, -1) for piece in stream.index)
+            raw = chunk_list(item, stream.index)
+            if raw is None:
                 continue
             if len(raw) % _STREAM_ENTRY.size:
                 report(item, "chunk list has the wrong length")
