@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import MiB, Vbfs, copy_sparse, random_bytes
+from vbfs.engine.retention import Policy
+from vbfs.job import Job
 from vbfs.testing.images import convert
 
 
@@ -114,3 +116,14 @@ def test_full_disk_while_writing(make_vbfs: Callable[..., Vbfs], small_fs: Path,
         p.unlink()
     v("backup", f"image://{small}")
     assert len(json.loads(v("snapshots", "--json").stdout)) == 1
+
+
+def test_a_job_files_bad_retention_setting_is_one_line(vbfs: Vbfs, tmp_path: Path) -> None:
+    job = tmp_path / "nightly.toml"
+    job.write_text('source = "image:///nowhere.qcow2"\n\n[retention]\nkeep-daily = 7\nkeep-dayly = 3\n')
+    one_line_error(vbfs("backup", "--job", str(job), check=False), "nightly.toml [retention]", "'keep-dayly'")
+    job.write_text('source = "image:///nowhere.qcow2"\nretention = 7\n')
+    one_line_error(vbfs("backup", "--job", str(job), check=False), "'retention' must be a table")
+    assert json.loads(vbfs("snapshots", "--json").stdout) == []
+    job.write_text('source = "image:///nowhere.qcow2"\n\n[retention]\nkeep-daily = 7\nkeep-within = "2d"\n')
+    assert Job.load(job).retention == Policy(daily=7, within=2 * 86400), "a good table is the job's policy"

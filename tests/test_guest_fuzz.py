@@ -2,9 +2,10 @@
 
 For every seed and filesystem, bytes of the image's metadata (the sectors that a walk of the clean image reads,
 less those with file contents, which carry a marker) are changed. Each damaged image is opened through the
-same path the mount and the index use (``discover``, the filesystem adapter, the tree, ``iter_tree``) in a child
-process with a watchdog, every file read and every symlink followed; the first seed of each filesystem also goes
-the whole way with the real CLI: backup, mount, ``find``, restore. Asserted: no hang, no internal error, memory
+same path the mount uses (``discover``, the filesystem adapter, the tree, ``iter_tree``) in a child process with
+a watchdog, every file read and every symlink followed; the first seed of each filesystem also goes the whole way
+with the real CLI: backup (whose guest-file index walks the guestfs layer with the folder rules the tree shares,
+vbfs/guestfs/walk.py), mount, ``find``, restore. Asserted: no hang, no internal error, memory
 under :data:`MEMORY_BOUND`, and nothing written outside the restore target.
 
 A failure names its filesystem and seed; ``FUZZ_SEEDS=7,8 pytest tests/test_guest_fuzz.py`` replays those seeds.

@@ -13,7 +13,6 @@ import pytest
 
 from tests.conftest import MiB, Vbfs, copy_sparse
 from tests.test_patches import TrackedDisk
-from vbfs.catalog import Catalog
 from vbfs.engine.backup import BackupRun
 from vbfs.engine.check import check
 from vbfs.errors import IntegrityError
@@ -153,19 +152,15 @@ def test_a_wrong_type_in_any_field_is_refused_naming_the_field(backed_up: tuple[
 
 def test_references_name_patch_bases_and_are_what_check_counts(vbfs: Vbfs) -> None:
     repo = Repository.open(str(vbfs.repo), lambda confirm: "")
-    cat = Catalog(repo.catalog_path())
     hv = TrackedDisk()
 
     def backup() -> Manifest:
-        return BackupRun(repo, cat, plugin_manager(False), index_files=False).run(hv, "g", "tracked://g")  # type: ignore[arg-type]
+        return BackupRun(repo, plugin_manager(False), index_files=False).run(hv, "g", "tracked://g")  # type: ignore[arg-type]
 
-    try:
-        full = backup()
-        hv.write(1 * MiB + 100, b"A" * 4096)  # a patch of the full backup's chunk 1
-        hv.write(6 * MiB, b"B" * 8192)  # a patch of zeros: no base to keep
-        inc = backup()
-    finally:
-        cat.close()
+    full = backup()
+    hv.write(1 * MiB + 100, b"A" * 4096)  # a patch of the full backup's chunk 1
+    hv.write(6 * MiB, b"B" * 8192)  # a patch of zeros: no base to keep
+    inc = backup()
     entries = repo.read_index(inc.disks[0].index)
     own = {entries[i : i + ID_SIZE] for i in range(0, len(entries), ID_SIZE)} - {ZERO_ID}
     base = repo.read_index(full.disks[0].index)[1 * ID_SIZE : 2 * ID_SIZE]
@@ -201,11 +196,7 @@ def test_references_name_patch_bases_and_are_what_check_counts(vbfs: Vbfs) -> No
 
 def test_damaged_chunk_lists_are_told_and_the_walk_goes_on(vbfs: Vbfs) -> None:
     repo = Repository.open(str(vbfs.repo), lambda confirm: "")
-    cat = Catalog(repo.catalog_path())
-    try:
-        m = BackupRun(repo, cat, plugin_manager(False), index_files=False).run(TrackedDisk(), "g", "tracked://g")  # type: ignore[arg-type]
-    finally:
-        cat.close()
+    m = BackupRun(repo, plugin_manager(False), index_files=False).run(TrackedDisk(), "g", "tracked://g")  # type: ignore[arg-type]
     piece = m.disks[0].index[0]
     (vbfs.repo / f"chunks/{piece[:2]}/{piece}").unlink()
     told: list[tuple[str, str]] = []

@@ -26,13 +26,15 @@ pytestmark = pytest.mark.slow
 
 
 def _backups_in_process(v: Vbfs, image: Path, count: int) -> None:
-    """Many snapshots quickly: the engine in this process, the same code the CLI runs."""
+    """Many snapshots quickly: the engine in this process, the same code the CLI runs, and the catalog brought up
+    to date after them, as the command does."""
     repo = Repository.open(str(v.repo), lambda confirm: "")
-    cat = Catalog(repo.catalog_path())
     hv = registry().hypervisor("image")(SourceURL.parse(f"image://{image}"), {})
+    for _ in range(count):
+        BackupRun(repo, plugin_manager(load_entry_points=False)).run(hv, "web01", f"image://{image}")
+    cat = Catalog(repo.catalog_path())
     try:
-        for _ in range(count):
-            BackupRun(repo, cat, plugin_manager(load_entry_points=False)).run(hv, "web01", f"image://{image}")
+        cat.sync(repo)
     finally:
         cat.close()
 

@@ -9,7 +9,6 @@ from contextlib import contextmanager
 from typing import Any
 
 from tests.conftest import MiB, Vbfs
-from vbfs.catalog import Catalog
 from vbfs.engine.backup import BackupRun
 from vbfs.engine.check import check
 from vbfs.plugins import plugin_manager
@@ -96,42 +95,38 @@ def _patches(repo: Repository) -> list[str]:
 
 def test_changed_bytes_become_patch_records_and_read_back_exactly(vbfs: Vbfs) -> None:
     repo = Repository.open(str(vbfs.repo), lambda confirm: "")
-    cat = Catalog(repo.catalog_path())
     hv = TrackedDisk()
 
     def backup() -> Manifest:
-        return BackupRun(repo, cat, plugin_manager(False), index_files=False).run(hv, "g", "tracked://g")  # type: ignore[arg-type]
+        return BackupRun(repo, plugin_manager(False), index_files=False).run(hv, "g", "tracked://g")  # type: ignore[arg-type]
 
-    try:
-        full = backup()
-        assert _disk_bytes(repo, full) == bytes(hv.data) and not _patches(repo)
+    full = backup()
+    assert _disk_bytes(repo, full) == bytes(hv.data) and not _patches(repo)
 
-        hv.write(1 * MiB + 100, b"A" * 4096)  # inside a full chunk
-        hv.write(6 * MiB, b"B" * 8192)  # inside a chunk of zeros
-        inc = backup()
-        assert inc.stats["read_bytes"] == 4096 + 8192, "only the changed bytes are read"
-        assert inc.stats["new_bytes"] == 4096 + 8192, "and only they are stored"
-        assert len(_patches(repo)) == 2
-        assert _disk_bytes(repo, inc) == bytes(hv.data)
-        assert _disk_bytes(repo, full)[1 * MiB + 100 : 1 * MiB + 104] != b"AAAA", "the older snapshot is unchanged"
+    hv.write(1 * MiB + 100, b"A" * 4096)  # inside a full chunk
+    hv.write(6 * MiB, b"B" * 8192)  # inside a chunk of zeros
+    inc = backup()
+    assert inc.stats["read_bytes"] == 4096 + 8192, "only the changed bytes are read"
+    assert inc.stats["new_bytes"] == 4096 + 8192, "and only they are stored"
+    assert len(_patches(repo)) == 2
+    assert _disk_bytes(repo, inc) == bytes(hv.data)
+    assert _disk_bytes(repo, full)[1 * MiB + 100 : 1 * MiB + 104] != b"AAAA", "the older snapshot is unchanged"
 
-        hv.write(1 * MiB + 50, b"C" * 100)  # overlaps the first change: merged into one record on the same base
-        third = backup()
-        assert _disk_bytes(repo, third) == bytes(hv.data)
-        assert third.stats["new_bytes"] == 4096 + 50, "the merged record holds the pieces of both changes"
+    hv.write(1 * MiB + 50, b"C" * 100)  # overlaps the first change: merged into one record on the same base
+    third = backup()
+    assert _disk_bytes(repo, third) == bytes(hv.data)
+    assert third.stats["new_bytes"] == 4096 + 50, "the merged record holds the pieces of both changes"
 
-        hv.write(1 * MiB, os.urandom(600 * 1024))  # past half the chunk: stored whole again
-        fourth = backup()
-        assert fourth.stats["new_bytes"] == MiB
-        assert _disk_bytes(repo, fourth) == bytes(hv.data)
-        assert check(repo, verify_data=True).ok
+    hv.write(1 * MiB, os.urandom(600 * 1024))  # past half the chunk: stored whole again
+    fourth = backup()
+    assert fourth.stats["new_bytes"] == MiB
+    assert _disk_bytes(repo, fourth) == bytes(hv.data)
+    assert check(repo, verify_data=True).ok
 
-        # a patch record whose base is lost: the plain check finds it
-        base = full.disks[0].index
-        entries = repo.read_index(base)
-        base_id = entries[1 * ID_SIZE : 2 * ID_SIZE]
-        (vbfs.repo / chunk_object_name(base_id)).unlink()
-        report = check(repo)
-        assert any("which is missing" in e for e in report.errors), report.errors
-    finally:
-        cat.close()
+    # a patch record whose base is lost: the plain check finds it
+    base = full.disks[0].index
+    entries = repo.read_index(base)
+    base_id = entries[1 * ID_SIZE : 2 * ID_SIZE]
+    (vbfs.repo / chunk_object_name(base_id)).unlink()
+    report = check(repo)
+    assert any("which is missing" in e for e in report.errors), report.errors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -33,7 +34,6 @@ def test_every_hook_is_documented_with_its_parameters() -> None:
 
 
 def test_freeze_is_always_followed_by_thaw(vbfs: Vbfs, template_image: Path, tmp_path: Path) -> None:
-    from vbfs.catalog import Catalog
     from vbfs.engine.backup import BackupRun
     from vbfs.errors import SourceError
     from vbfs.store.repository import Repository
@@ -61,13 +61,8 @@ def test_freeze_is_always_followed_by_thaw(vbfs: Vbfs, template_image: Path, tmp
     pm = plugin_manager(load_entry_points=False)
     pm.register(Recorder())
     repo = Repository.open(str(vbfs.repo), lambda confirm: "")
-    cat = Catalog(repo.catalog_path())
-    try:
-        BackupRun(repo, cat, pm).run(FailingHypervisor(), "g1", "failing://x")  # type: ignore[arg-type]
-    except SourceError:
-        pass
-    finally:
-        cat.close()
+    with contextlib.suppress(SourceError):
+        BackupRun(repo, pm).run(FailingHypervisor(), "g1", "failing://x")  # type: ignore[arg-type]
     assert events == ["freeze g1", "thaw g1"]
 
 

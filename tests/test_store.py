@@ -252,3 +252,14 @@ def test_guest_names_that_cannot_be_folders_are_kept_under_a_safe_name() -> None
         assert kept.startswith(readable + "~") and len(kept) == len(readable) + 17, kept
     assert repository_name("").startswith("guest~")
     assert repository_name("db/primary") != repository_name("db\nprimary")
+
+
+def test_the_write_path_stands_on_sources_and_store_alone() -> None:
+    """A backup (the job runner, the engine, the guest-file index) loads neither the tree, nor the catalog, nor
+    restore: what it needs of a snapshot comes from the repository."""
+    code = (
+        "import sys, vbfs.engine.jobs\n"
+        "print(sorted(m for m in sys.modules if m in ('vbfs.vfs', 'vbfs.catalog', 'vbfs.restore', 'vbfs.fuse')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 
 from tests.conftest import MiB, Vbfs, copy_sparse, sha256
-from vbfs.catalog import Catalog
 from vbfs.engine.backup import BackupRun
 from vbfs.errors import SourceError
 from vbfs.plugins import plugin_manager
@@ -80,11 +79,7 @@ class MemoryGuests:
 
 
 def _backup(repo: Repository, hv: MemoryGuests, guest: str) -> Any:
-    cat = Catalog(repo.catalog_path())  # one catalog connection per thread
-    try:
-        return BackupRun(repo, cat, plugin_manager(False), index_files=False).run(hv, guest, f"memory://{guest}")  # type: ignore[arg-type]
-    finally:
-        cat.close()
+    return BackupRun(repo, plugin_manager(False), index_files=False).run(hv, guest, f"memory://{guest}")  # type: ignore[arg-type]
 
 
 def _doc(manifest: Any) -> dict[str, Any]:
@@ -260,3 +255,26 @@ def test_check_reports_an_index_that_names_a_missing_chunk(vbfs: Vbfs, template_
     errors = json.loads(proc.stdout)["errors"]
     assert proc.returncode != 0
     assert any("the chunk index names 1 chunk(s) the repository does not hold" in e for e in errors), errors
+
+
+def test_names_come_from_the_repository_and_a_damaged_header_cache_is_ignored(vbfs: Vbfs) -> None:
+    from vbfs.store import snapshots
+
+    repo = Repository.open(str(vbfs.repo), lambda confirm: "")
+    hv = MemoryGuests({"g": bytes(2 * MiB), "h": bytes(MiB)})
+    first = _backup(repo, hv, "g")
+    _backup(repo, hv, "h")
+    assert snapshots.cache_path(repo).exists(), "the decoded headers are kept beside the catalog"
+    assert not repo.catalog_path().exists(), "the engine never opens the catalog"
+
+    raw = bytearray(snapshots.cache_path(repo).read_bytes())
+    raw[-5] ^= 0xFF
+    snapshots.cache_path(repo).write_bytes(bytes(raw))
+    snapshots._known.clear()
+    snapshots._loaded.clear()
+    second = _backup(repo, hv, "g")
+    names = [h.name for h in snapshots.headers(repo, "g")]
+    assert len(set(names)) == 2 and first.name in names and second.name in names, names
+    latest = snapshots.latest_manifest(repo, "g")
+    assert latest is not None and latest.id == second.id
+    assert [h.guest for h in snapshots.headers(repo)].count("h") == 1

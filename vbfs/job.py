@@ -8,6 +8,11 @@ insecure = false                  # skip TLS verification (prints a warning)
 ca_file = "/etc/vbfs/vcenter-ca.pem"
 password_file = "/etc/vbfs/vcenter.password"
 index = true                      # index the guests' files for find and diff
+
+[retention]                       # optional: what `vbfs prune` keeps of each guest of this job
+keep-daily = 7
+keep-weekly = 4
+keep-within = "2d"
 ```
 
 A guest named without a pattern that the source does not have is an error of the job, not silently skipped.
@@ -21,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vbfs.engine.retention import Policy
 from vbfs.errors import VbfsError
 from vbfs.sources import GuestInfo
 
@@ -38,6 +44,7 @@ class Job:
     exclude: list[str] = field(default_factory=list)
     index: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    retention: Policy | None = None  # the job's [retention] table, when it has one
 
     @classmethod
     def load(cls, path: Path) -> Job:
@@ -47,7 +54,7 @@ class Job:
             raise JobError(f"job {path}: {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise JobError(f"job {path}: not valid TOML ({exc})") from None
-        known = {"source", "guests", "exclude", "index", *OPTION_KEYS}
+        known = {"source", "guests", "exclude", "index", "retention", *OPTION_KEYS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise JobError(f"job {path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -69,7 +76,13 @@ class Job:
         index = data.get("index", True)
         if not isinstance(index, bool):
             raise JobError(f"job {path}: 'index' must be true or false")
-        return cls(source, lists["guests"], lists["exclude"], index, options)
+        retention = None
+        if "retention" in data:
+            table = data["retention"]
+            if not isinstance(table, dict):
+                raise JobError(f"job {path}: 'retention' must be a table ([retention] with keep-... settings)")
+            retention = Policy.from_mapping(table, f"job {path} [retention]")
+        return cls(source, lists["guests"], lists["exclude"], index, options, retention)
 
     def select(self, offered: list[GuestInfo]) -> tuple[list[str], list[str]]:
         """The guests to back up, in the order offered, and the job's explicit names that matched nothing."""

@@ -16,12 +16,13 @@ adapter makes inode numbers.
 
 Listing the root or a guest asks the catalog (one indexed query); a snapshot's manifest is read only when
 something inside that snapshot is looked at, so a repository with ten thousand snapshots mounts at once.
-Symlinks of the guest are shown as they are and are never followed by vbfs itself.
+Symlinks of the guest are shown as they are and are never followed by vbfs itself. How a guest folder is listed
+(host names, loops left out, a folder met twice shown empty) is :mod:`vbfs.guestfs.walk`'s, which the guest-file
+index of the write path follows too.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import stat
@@ -30,15 +31,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from vbfs.errors import PathNotFound, VbfsError
 from vbfs.guestfs.bounds import deadline_cap, parse_seconds
 from vbfs.guestfs.filesystems import BUILTIN as BUILTIN_FILESYSTEMS
 from vbfs.guestfs.model import GuestDataError, GuestEntry, GuestFS, VolumeBusy
-from vbfs.guestfs.stream import RangeReader
-from vbfs.guestfs.volumes import Volume, discover
-from vbfs.names import host_names
+from vbfs.guestfs.volumes import Volume
+from vbfs.guestfs.walk import clamp_ns, disk_volumes, host_mode, list_folder, open_root, open_volume
 from vbfs.store.cache import ChunkCache
 from vbfs.store.manifest import Manifest, time_ns
 from vbfs.store.objects import DiskImage, StreamFile
@@ -211,24 +211,17 @@ class LinkNode(Symlink):
 # ---- guest files -------------------------------------------------------------------------------------------------
 
 
-_NS_MIN, _NS_MAX = -(1 << 63), (1 << 63) - 1
-
-
-def _ns(value: int) -> int:
-    return min(max(value, _NS_MIN), _NS_MAX)
-
-
 def _guest_attr(e: GuestEntry) -> Attr:
     """Attributes as the guest has them, each clamped to what a stat structure carries."""
     return Attr(
-        e.mode & 0xFFFFFFFF,
+        host_mode(e),
         e.size,
-        _ns(e.mtime_ns),
+        clamp_ns(e.mtime_ns),
         e.uid & 0xFFFFFFFF,
         e.gid & 0xFFFFFFFF,
         min(max(e.nlink, 0), 0xFFFFFFFF),
-        _ns(e.atime_ns),
-        _ns(e.ctime_ns),
+        clamp_ns(e.atime_ns),
+        clamp_ns(e.ctime_ns),
         e.rdev,
     )
 
@@ -302,33 +295,19 @@ class GuestDirNode(MappedDir):
                 raise self._error
             if self._kids is None:
                 try:
-                    entries = self.fs.listdir(self.entry)
+                    listed = list_folder(self.fs, self.entry, self.path, self._is_ancestor)
                 except VolumeBusy:
                     raise
                 except GuestDataError as exc:
                     self._error = exc
                     raise
-                names, notes = host_names([e.name for e in entries])
-                for note in notes:
-                    self.fs.note(f"{self.path or '/'}: {note}")
                 kids: dict[str, Node] = {}
-                for e, name in zip(entries, names, strict=True):
-                    if e.is_dir and self._is_ancestor(e.ino):
-                        self.fs.note(
-                            f"{self.path}/{name}: left out: the folder is one of its own parent folders (a loop)"
-                        )
-                        continue
-                    if name != e.name:
-                        e = dataclasses.replace(e, name=name)
-                    place = f"{self.path}/{name}"
-                    first = self.fs.folder_places.setdefault(e.ino, place) if e.is_dir else place
-                    if first != place:
-                        # One folder inode listed at several places (hard-linked folders of a damaged
-                        # filesystem) would multiply the tree at every level: it is shown whole once, empty here.
-                        self.fs.note(f"{place}: shown empty: it is the same folder as {first} (a hard-linked folder)")
-                        kids[name] = AliasDirNode(self.fs, e, self.base_key, place, self)
-                        continue
-                    kids[name] = guest_node(self.fs, e, self.base_key, self.path, self)
+                for item in listed:
+                    e = item.entry
+                    if item.alias_of is not None:
+                        kids[e.name] = AliasDirNode(self.fs, e, self.base_key, item.place, self)
+                    else:
+                        kids[e.name] = guest_node(self.fs, e, self.base_key, self.path, self)
                 self._kids = kids
             return self._kids
         finally:
@@ -403,9 +382,8 @@ class VolumeRoot(GuestDirNode):
     """The root folder of one guest filesystem, named after its volume (p1, vg0-root, whole)."""
 
     def __init__(self, fs: GuestFS, volume: Volume, base_key: tuple[Hashable, ...]):
-        super().__init__(fs, fs.root(), base_key)
+        super().__init__(fs, open_root(fs), base_key)
         self.name = volume.name
-        fs.folder_places.setdefault(self.entry.ino, "")
 
 
 # ---- snapshots ---------------------------------------------------------------------------------------------------
@@ -435,24 +413,14 @@ class SnapshotTree:
         with self._lock:
             if disk not in self._volumes:
                 image = self.images[disk]
-                try:
-                    vols = discover(RangeReader(image.read, image.size))
-                except VbfsError:
-                    raise
-                except Exception as exc:
-                    raise GuestDataError(f"{self.label(disk)}: cannot read the partition table ({exc})") from None
-                self._volumes[disk] = vols
+                self._volumes[disk] = disk_volumes(image.read, image.size, self.label(disk))
             return self._volumes[disk]
 
     def label(self, *parts: str) -> str:
         return " ".join([f"{self.manifest.guest}@{self.manifest.name}", *parts])
 
     def open_fs(self, disk: str, vol: Volume) -> GuestFS:
-        assert vol.fstype is not None
-        cls = self.filesystems.get(vol.fstype)
-        if cls is None:
-            raise GuestDataError(f"{self.label(disk, vol.name)}: no reader for {vol.fstype}")
-        return cast(GuestFS, cls(vol.reader.sub(0, vol.size), self.label(disk, vol.name)))
+        return open_volume(self.filesystems, vol, self.label(disk, vol.name))
 
     def vm_json(self) -> bytes:
         m = self.manifest

@@ -199,12 +199,11 @@ def bench_memory(t: Tools, mnt: Path) -> dict[str, float]:
     small = gpt_ext4(t.work / "small.raw", 64 * MiB, write_tree(t.work / "small-tree", {"etc/hostname": "s\n"}))
     os.environ["XDG_CACHE_HOME"] = t.env["XDG_CACHE_HOME"]
     repo = Repository.open(str(t.vrepo), lambda confirm: PASS)
-    cat = Catalog(repo.catalog_path())
     hv = registry().hypervisor("image")(SourceURL.parse(f"image://{small}"), {})
     for _ in range(199):
-        BackupRun(repo, cat, plugin_manager(load_entry_points=False), index_files=False).run(
-            hv, "small", f"image://{small}"
-        )
+        BackupRun(repo, plugin_manager(load_entry_points=False), index_files=False).run(hv, "small", f"image://{small}")
+    cat = Catalog(repo.catalog_path())
+    cat.sync(repo)  # as the command does after a backup
     cat.close()
     drop_caches()
     pid = t.mount_vbfs(mnt)

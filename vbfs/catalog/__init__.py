@@ -41,6 +41,7 @@ from vbfs.errors import SnapshotNotFound, VbfsError
 
 if TYPE_CHECKING:
     import sqlite_utils
+from vbfs.store import marks
 from vbfs.store.manifest import Manifest, format_time, parse_time
 from vbfs.store.repository import Repository
 
@@ -174,20 +175,7 @@ def read_file_index(repo: Repository, manifest: Manifest, skipped: list[int] | N
 
 def summary_of(manifest: Manifest) -> dict[str, Any]:
     """What a listing shows of a snapshot (JSON); a function of the manifest alone."""
-    return {
-        "id": manifest.id,
-        "guest": manifest.guest,
-        "name": manifest.name,
-        "time": manifest.time,
-        "finished": manifest.finished,
-        "hypervisor": manifest.source.hypervisor,
-        "source": manifest.source.url,
-        "consistency": manifest.consistency,
-        "disks": [{"name": d.name, "size": d.size, "mode": d.mode} for d in manifest.disks],
-        "config": sorted(manifest.config),
-        "indexed": manifest.files_index is not None,
-        "stats": dict(manifest.stats),
-    }
+    return manifest.summary()
 
 
 def _enable_wal(conn: sqlite3.Connection, timeout: float = 60.0) -> None:
@@ -452,8 +440,9 @@ class Catalog:
                 self._settle_names(row[1], row[2])
 
     def _record_vanished(self, repo: Repository) -> set[str]:
-        """Every snapshot the catalog lists whose manifest is no longer on the backend: recorded, then dropped.
-        Returns the manifests on the backend.
+        """Every snapshot the catalog lists whose manifest is no longer on the backend: recorded, then dropped,
+        unless the repository holds its forget record (it was forgotten, here or on another host). Returns the
+        manifests on the backend.
 
         The catalog is read before the backend is listed: a snapshot is indexed only after its manifest landed,
         so one that the catalog knew and a later listing misses is really gone (not one landing meanwhile)."""
@@ -463,6 +452,10 @@ class Catalog:
         known += [tuple(r) for r in self._read_witness(repo) if r[0] not in listed and r[0] not in recorded]
         on_repo = set(repo.snapshot_ids())
         gone = [r for r in known if r[0] not in on_repo]
+        forgotten = [r for r in gone if marks.forgotten(repo, r[0]) is not None]  # on purpose, maybe elsewhere
+        for r in forgotten:
+            self.remove(r[0])
+        gone = [r for r in gone if r not in forgotten]
         if gone:
             with self._transaction() as conn:
                 conn.executemany(
@@ -585,9 +578,7 @@ class Catalog:
         else:
             raise VbfsError(f"--acknowledge-missing takes a snapshot id (4 or more hex digits) or 'all', not {which!r}")
         with self._transaction() as conn:
-            conn.executemany(
-                "UPDATE vanished SET acknowledged = ? WHERE id = ?", [(_now(), v["id"]) for v in found]
-            )
+            conn.executemany("UPDATE vanished SET acknowledged = ? WHERE id = ?", [(_now(), v["id"]) for v in found])
         self._write_witness()
         return found
 
@@ -746,4 +737,3 @@ class Catalog:
         if not row:
             raise SnapshotNotFound(f"guest {guest!r} has no snapshot at or before {which}")
         return dict(json.loads(row[0]))
-

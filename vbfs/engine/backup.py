@@ -11,6 +11,11 @@ Chunks are stored through the run's write session (:mod:`vbfs.store.session`), w
 repository's chunk index; the engine never touches the codec or the backend. A failed run removes the chunks of
 its session's open batch; earlier batches stay (unnamed until a later run stores them again or GC removes them).
 
+The write path stands on the sources and the store alone: the previous snapshot of a guest (for incrementals and
+change tokens) and the names already taken come from the repository (:mod:`vbfs.store.snapshots`), and the guest
+files are indexed over the guest filesystem layer (:mod:`vbfs.engine.fileindex`). The catalog is a cache that the
+command brings up to date after the run.
+
 Consistency rules kept here:
 - ``vbfs_freeze`` is always followed by ``vbfs_thaw``, whatever fails in between.
 - The hypervisor snapshot is a context manager and is removed on every path out.
@@ -27,7 +32,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import ExitStack, suppress
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -35,7 +40,6 @@ from typing import Any
 import pluggy
 
 from vbfs import __version__
-from vbfs.catalog import Catalog, summary_of
 from vbfs.engine.fileindex import index_snapshot
 from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import SourceError, VbfsError
@@ -43,13 +47,12 @@ from vbfs.failpoints import failpoint
 from vbfs.names import is_plain_name
 from vbfs.names import repository_name as repository_name
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
-from vbfs.store.cache import ChunkCache
 from vbfs.store.codec import ID_SIZE, ChunkId
 from vbfs.store.manifest import DiskRecord, Manifest, Source, StreamRecord, format_time, snapshot_name
 from vbfs.store.patch import PatchRecord
 from vbfs.store.repository import ZERO_ID, Repository
 from vbfs.store.session import Stored, WriteSession
-from vbfs.vfs import SnapshotTree
+from vbfs.store.snapshots import latest_manifest, names_of
 
 MAX_IN_FLIGHT = 8
 MAX_READ_PARTS = 8  # a chunk with more parts to read is read whole
@@ -273,38 +276,32 @@ class BackupRun:
     def __init__(
         self,
         repo: Repository,
-        catalog: Catalog,
         pm: pluggy.PluginManager,
         progress: Progress | None = None,
         index_files: bool = True,
         filesystems: dict[str, Any] | None = None,
     ):
         self.repo = repo
-        self.catalog = catalog
         self.pm = pm
         self.progress = progress or NoProgress()
         self.index_files = index_files
         self.filesystems = filesystems
 
     def _fresh_name(self, guest: str, when: datetime) -> str:
-        """The snapshot's name: its time, with -2, -3, ... when the guest has that name already. Another backup
-        may still pick the same name at the same moment; the catalog then shows both (see vbfs.catalog)."""
-        with suppress(VbfsError):
-            self.catalog.sync(self.repo)  # the snapshots that landed since this run began
+        """The snapshot's name: its time, with -2, -3, ... when the guest has that name in the repository already
+        (the snapshots that landed since this run began included). Another backup may still pick the same name at
+        the same moment; the catalog then shows both (see vbfs.catalog)."""
+        taken = names_of(self.repo, guest)
         name = snapshot_name(when)
         n = 1
-        while self.catalog.name_taken(guest, name):
+        while name in taken:
             n += 1
             name = f"{snapshot_name(when)}-{n}"
         return name
 
     def _previous_disks(self, guest: str) -> dict[str, DiskRecord]:
-        prev = self.catalog.latest(repository_name(guest))
-        if prev is None:
-            return {}
-        try:
-            manifest = self.repo.load_manifest(prev["id"])
-        except VbfsError:
+        manifest = latest_manifest(self.repo, repository_name(guest))
+        if manifest is None:
             return {}
         return {d.name: d for d in manifest.disks}
 
@@ -430,12 +427,9 @@ class BackupRun:
             notes=stats.notes,
             vbfs_version=__version__,
         )
-        rows: list[tuple[str, str, int, int, int]] = []
         if self.index_files:
             t0 = time.monotonic()
-            cache = ChunkCache(self.repo.get_chunk, 32 * 1024 * 1024)
-            tree = SnapshotTree(self.repo, manifest, cache, self.filesystems)
-            index_ref, rows, warnings = index_snapshot(tree, session)
+            index_ref, _rows, warnings = index_snapshot(self.repo, manifest, session, self.filesystems)
             manifest = replace(
                 manifest,
                 files_index=index_ref,
@@ -445,8 +439,7 @@ class BackupRun:
         # the name again: another backup may have landed meanwhile
         manifest = replace(manifest, name=self._fresh_name(stored_as, when))
         session.commit(manifest)
-        self.catalog.add(manifest, rows)
-        self.pm.hook.vbfs_snapshot_committed(snapshot=summary_of(manifest))
+        self.pm.hook.vbfs_snapshot_committed(snapshot=manifest.summary())
         return manifest
 
 

@@ -28,6 +28,7 @@ from vbfs.errors import IntegrityError, VbfsError
 
 if TYPE_CHECKING:
     from vbfs.catalog import Catalog
+from vbfs.store import marks
 from vbfs.store.backend import LocalBackend
 from vbfs.store.chunkindex import compare_with_listing, load_for_check
 from vbfs.store.codec import ChunkId
@@ -136,6 +137,15 @@ def check(
         report.errors += catalog.audit(repo, manifests)
 
     report.chunks_referenced = len(uses)
+    unused = len(stored) - sum(1 for cid in uses if cid in stored)
+    if unused:
+        report.notes.append(f"{unused} object(s) under chunks/ are needed by no snapshot: vbfs gc removes them")
+    pending = marks.forgotten_ids(repo) & set(manifests)
+    if pending:
+        report.notes.append(
+            f"the forget of {len(pending)} snapshot(s) was interrupted (e.g. {min(pending)[:8]}): the next vbfs gc or "
+            "prune finishes it"
+        )
     if verify_data:
         progress.begin("verify", len(uses))
 

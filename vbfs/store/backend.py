@@ -132,6 +132,10 @@ class Backend(Protocol):
 
     def list(self, prefix: str) -> Iterator[str]: ...
 
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        """Like :meth:`list`, with each object's stored size (what deleting it frees)."""
+        ...
+
     def delete(self, name: str) -> None: ...
 
     def flush(self, batch: Batch | None = None) -> None: ...
@@ -283,6 +287,23 @@ class LocalBackend:
             for fn in sorted(filenames):
                 if not fn.startswith(TMP_PREFIX):
                     yield str(rel / fn)
+
+    def list_sizes(self, prefix: str) -> Iterator[tuple[str, int]]:
+        self.calls.add("list")
+        base = self._path(prefix.rstrip("/")) if prefix else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, _filenames in os.walk(base):
+            dirnames.sort()
+            rel = Path(dirpath).relative_to(self.root)
+            with os.scandir(dirpath) as it:
+                entries = sorted((e.name, e) for e in it if not e.name.startswith(TMP_PREFIX))
+            for name, entry in entries:
+                try:
+                    if entry.is_file(follow_symlinks=False):
+                        yield str(rel / name), entry.stat(follow_symlinks=False).st_blocks * 512
+                except FileNotFoundError:
+                    continue
 
     def delete(self, name: str) -> None:
         self.calls.add("delete")

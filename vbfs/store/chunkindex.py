@@ -27,6 +27,7 @@ import contextlib
 import json
 import os
 import secrets
+from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -77,23 +78,111 @@ class IdSet:
         return i < self._n and self[i] == cid
 
     def union(self, other: IdSet) -> IdSet:
-        """Both sets merged, sorted; costs a bisection per id of the smaller one and one copy of the larger."""
+        """Both sets merged: a bisection per id of the smaller set when it is much smaller, else one merge."""
         big, small = (self, other) if len(self) >= len(other) else (other, self)
         if not len(small):
             return big
-        out: list[bytes] = []
+        if len(small) * 24 > len(big):
+            return IdSet(_merge(big.blob, small.blob, keep_b_only=False))
+        view = memoryview(big.blob)
+        out = bytearray()
         prev = 0
         for cid in small:
             i = bisect_left(big, cid, prev)
             if i < big._n and big[i] == cid:
                 continue
-            out += (big.blob[prev * ID_SIZE : i * ID_SIZE], cid)
+            out += view[prev * ID_SIZE : i * ID_SIZE]
+            out += cid
             prev = i
-        out.append(big.blob[prev * ID_SIZE :])
-        return IdSet(b"".join(out))
+        out += view[prev * ID_SIZE :]
+        return IdSet(bytes(out))
+
+    def difference(self, other: IdSet) -> IdSet:
+        """The ids of this set that are not in ``other``."""
+        if not len(other) or not len(self):
+            return self
+        if len(other) * 24 > len(self) and len(self) * 24 > len(other):
+            return IdSet(_merge(self.blob, other.blob, keep_b_only=True))
+        out = bytearray()
+        if len(other) < len(self):
+            view = memoryview(self.blob)
+            prev = 0
+            for cid in other:
+                i = bisect_left(self, cid, prev)
+                if i < self._n and self[i] == cid:
+                    out += view[prev * ID_SIZE : i * ID_SIZE]
+                    prev = i + 1
+            out += view[prev * ID_SIZE :]
+        else:
+            for cid in self:
+                if cid not in other:
+                    out += cid
+        return IdSet(bytes(out))
 
     def sorted_strictly(self) -> bool:
         return all(self[i] < self[i + 1] for i in range(self._n - 1))
+
+
+class IdSetBuilder:
+    """Collects ids in any order, with repeats, into an :class:`IdSet` in bounded memory: ids are buffered, sorted
+    in runs of ``run`` ids, and runs of like size are merged (as a binary counter carries), so each id is merged
+    O(log n) times and the memory beyond the final set is one run and the runs themselves."""
+
+    def __init__(self, run: int = 1 << 16):
+        self._runs: list[IdSet] = []
+        self._buf: list[bytes] = []
+        self._run = run
+
+    def add(self, cid: bytes) -> None:
+        self._buf.append(cid)
+        if len(self._buf) >= self._run:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        run = IdSet(b"".join(sorted(set(self._buf))))
+        self._buf = []
+        while self._runs and len(self._runs[-1]) <= 2 * len(run):
+            run = self._runs.pop().union(run)
+        self._runs.append(run)
+
+    def build(self) -> IdSet:
+        self._flush()
+        out = IdSet()
+        while self._runs:
+            out = out.union(self._runs.pop())
+        return out
+
+
+def _merge(a: bytes, b: bytes, keep_b_only: bool) -> bytes:
+    """One pass over two sorted id strings: their union, or (``keep_b_only``) the ids of ``a`` not in ``b``."""
+    out = bytearray()
+    i = j = 0
+    na, nb = len(a), len(b)
+    x = a[0:ID_SIZE]
+    y = b[0:ID_SIZE]
+    while i < na and j < nb:
+        if x < y:
+            out += x
+            i += ID_SIZE
+            x = a[i : i + ID_SIZE]
+        elif y < x:
+            if not keep_b_only:
+                out += y
+            j += ID_SIZE
+            y = b[j : j + ID_SIZE]
+        else:
+            if not keep_b_only:
+                out += x
+            i += ID_SIZE
+            j += ID_SIZE
+            x = a[i : i + ID_SIZE]
+            y = b[j : j + ID_SIZE]
+    out += a[i:]
+    if not keep_b_only:
+        out += b[j:]
+    return bytes(out)
 
 
 def encode_ids(header: dict[str, Any], chunks: IdSet, patches: IdSet) -> bytes:
@@ -188,27 +277,8 @@ class ChunkIndex:
         return index
 
     def _rebuild(self, repo: Repository, snapshots: list[str]) -> None:
-        from vbfs.store.repository import PATCH_SUFFIX, chunk_name_to_id
-
-        chunks, patches = bytearray(), bytearray()
-        last_chunk = last_patch = b""
-        ordered = True
-        for name in repo.backend.list("chunks/"):
-            cid = chunk_name_to_id(name)
-            if cid is None:
-                continue
-            if name.endswith(PATCH_SUFFIX):
-                ordered = ordered and cid > last_patch
-                patches += cid
-                last_patch = cid
-            else:
-                ordered = ordered and cid > last_chunk
-                chunks += cid
-                last_chunk = cid
-        if ordered:  # a listing in name order (local folders, S3) needs no sort
-            self.chunks, self.patches = IdSet(bytes(chunks)), IdSet(bytes(patches))
-        else:
-            self.chunks, self.patches = IdSet.of(IdSet(bytes(chunks))), IdSet.of(IdSet(bytes(patches)))
+        listing = list_objects(repo)
+        self.chunks, self.patches = listing.chunks, listing.patches
         why = []
         if self.uncovered:
             why.append(f"{len(self.uncovered)} snapshot(s) were not in it")
@@ -230,6 +300,54 @@ class ChunkIndex:
             f"patch records; {'; '.join(why)}){written}"
         )
         self.uncovered = []
+
+
+@dataclass
+class Listing:
+    """The ids of the chunk objects of one listing of ``chunks/``, sorted, with their stored sizes (when asked)."""
+
+    chunks: IdSet
+    chunk_sizes: array[int]
+    patches: IdSet
+    patch_sizes: array[int]
+
+    @property
+    def count(self) -> int:
+        return len(self.chunks) + len(self.patches)
+
+
+def list_objects(repo: Repository, sizes: bool = False) -> Listing:
+    """One listing of ``chunks/`` as id sets (full chunks and patch records apart); ``sizes`` adds each object's
+    stored size, in the order of its set."""
+    from vbfs.store.repository import PATCH_SUFFIX, chunk_name_to_id
+
+    ids = {False: bytearray(), True: bytearray()}
+    size_of = {False: array("Q"), True: array("Q")}
+    last = {False: b"", True: b""}
+    ordered = True
+    listed = repo.backend.list_sizes("chunks/") if sizes else ((n, 0) for n in repo.backend.list("chunks/"))
+    for name, size in listed:
+        cid = chunk_name_to_id(name)
+        if cid is None:
+            continue
+        patch = name.endswith(PATCH_SUFFIX)
+        ordered = ordered and cid > last[patch]
+        last[patch] = cid
+        ids[patch] += cid
+        if sizes:
+            size_of[patch].append(size)
+    sets = {}
+    for patch in (False, True):
+        if ordered:  # a listing in name order (local folders, S3) needs no sort
+            sets[patch] = IdSet(bytes(ids[patch]))
+        elif sizes:
+            pairs = sorted(zip(IdSet(bytes(ids[patch])), size_of[patch], strict=True))
+            sets[patch] = IdSet(b"".join(p[0] for p in pairs))
+            size_of[patch] = array("Q", (p[1] for p in pairs))
+        else:
+            sets[patch] = IdSet.of(IdSet(bytes(ids[patch])))
+        ids[patch] = bytearray()
+    return Listing(sets[False], size_of[False], sets[True], size_of[True])
 
 
 def cache_path(repo: Repository) -> Path:

@@ -1,10 +1,18 @@
 """Repository locks, stored as objects under ``locks/`` so that they work on any backend.
 
-Backups and mounts take a *shared* lock; prune and garbage collection take the *exclusive* one. Taking a lock
-writes our lock object first and then lists the others: a shared lock gives way to an exclusive one and an
-exclusive lock gives way to anything, so two processes racing never both go ahead (at worst both back off and
-retry). A lock whose process is gone (same host, no such pid) or that was not refreshed for ``STALE_AFTER``
-seconds is stale and is removed by whoever finds it; a ``kill -9`` therefore never blocks the repository for long.
+Backups, mounts and restores take a *shared* lock. Forgetting snapshots and marking what they reference takes
+the *gc* lock, which shares the repository with shared locks but not with another gc or an exclusive lock;
+deleting chunks takes the *exclusive* one, which shares it with nothing. Taking a lock writes our lock object
+first and then lists the others: a lock gives way to any lock it conflicts with (:func:`conflicts`), so two
+processes racing never both go ahead (at worst both back off and retry). A lock whose process is gone (same host,
+no such pid) or that was not refreshed for ``STALE_AFTER`` seconds is stale and is removed by whoever finds it; a
+``kill -9`` therefore never blocks the repository for long.
+
+A holder whose lock is lost (its refresh found the lock object removed because another process judged it stale,
+or it went unrefreshed for ``STALE_AFTER - REFRESH_EVERY`` seconds: a stopped process, unreachable storage) is
+told by :meth:`RepositoryLock.check`, which raises :class:`LockLost`. A write session checks before each batch
+lands and before its manifest, so a backup that was stopped long enough for a garbage collection to go ahead
+stops instead of committing a snapshot that may name deleted chunks.
 
 A lock object that is not a lock record (not JSON, not an object, fields of the wrong type) is no one's lock: it is
 removed and reported in one line, never a reason to fail. A process that fails while taking a lock removes its own
@@ -29,7 +37,18 @@ from vbfs.store.backend import Backend, host_id, process_alive
 STALE_AFTER = 1800.0
 REFRESH_EVERY = 300.0
 SHARED = "shared"
+GC = "gc"
 EXCLUSIVE = "exclusive"
+KINDS = (SHARED, GC, EXCLUSIVE)
+
+
+def conflicts(a: str, b: str) -> bool:
+    """Whether locks of kinds ``a`` and ``b`` cannot be held at once."""
+    return EXCLUSIVE in (a, b) or a == b == GC
+
+
+class LockLost(LockError):
+    """This process's lock was removed or could not be kept: it must stop writing."""
 
 
 def parse_lock(raw: bytes) -> dict[str, Any] | None:
@@ -38,7 +57,7 @@ def parse_lock(raw: bytes) -> dict[str, Any] | None:
         info = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(info, dict) or info.get("kind") not in (SHARED, EXCLUSIVE):
+    if not isinstance(info, dict) or info.get("kind") not in KINDS:
         return None
     pid, when, host = info.get("pid"), info.get("time"), info.get("host")
     if type(pid) is not int or not 0 < pid < 2**31 or not isinstance(host, str) or len(host) > 255:
@@ -51,12 +70,23 @@ def parse_lock(raw: bytes) -> dict[str, Any] | None:
 
 
 class RepositoryLock:
-    def __init__(self, backend: Backend, kind: str, warn: Callable[[str], None] | None = None):
-        assert kind in (SHARED, EXCLUSIVE)
+    def __init__(
+        self,
+        backend: Backend,
+        kind: str,
+        warn: Callable[[str], None] | None = None,
+        mine: frozenset[str] = frozenset(),
+    ):
+        assert kind in KINDS
         self.backend = backend
         self.kind = kind
         self.name = f"locks/{kind}-{secrets.token_hex(8)}"
         self.warn = warn or (lambda message: None)
+        self.mine = mine
+        """Names of this process's other locks, which this one does not give way to (gc taking exclusive)."""
+        self.lost: str | None = None
+        """Why this lock is lost, once it is."""
+        self._refreshed = time.monotonic()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -75,7 +105,7 @@ class RepositoryLock:
         out = []
         dead = 0
         for name in self.backend.list("locks/"):
-            if name == self.name:
+            if name == self.name or name in self.mine:
                 continue
             try:
                 raw = self.backend.get(name)
@@ -107,30 +137,58 @@ class RepositoryLock:
         while True:
             try:
                 self.backend.put(self.name, self._record())
-                conflicts = [
-                    info for _n, info in self._others() if self.kind == EXCLUSIVE or info["kind"] == EXCLUSIVE
-                ]
+                found = [info for _n, info in self._others() if conflicts(self.kind, info["kind"])]
             except BaseException:
                 with suppress(Exception):
                     self.backend.delete(self.name)
                 raise
-            if not conflicts:
+            if not found:
                 break
             self.backend.delete(self.name)
             if time.monotonic() >= deadline:
-                who = conflicts[0]
+                who = found[0]
                 raise LockError(
                     f"the repository is locked ({who['kind']} lock held by pid {who['pid']} on "
                     f"{who['host'][:64]}); try again when that operation has finished"
                 )
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
+        self._refreshed = time.monotonic()
         self._thread = threading.Thread(target=self._refresh, name="vbfs-lock-refresh", daemon=True)
         self._thread.start()
 
     def _refresh(self) -> None:
         while not self._stop.wait(REFRESH_EVERY):
-            with suppress(VbfsError):
-                self.backend.put(self.name, self._record())
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Write the lock record again, unless it was removed meanwhile (then the lock is lost)."""
+        if self.lost:
+            return
+        try:
+            if not self.backend.exists(self.name):
+                self.lost = f"its lock {self.name} was removed by another process (judged stale)"
+                return
+            self.backend.put(self.name, self._record())
+            self._refreshed = time.monotonic()
+        except VbfsError as exc:
+            if time.monotonic() - self._refreshed > STALE_AFTER - REFRESH_EVERY:
+                self.lost = f"its lock could not be refreshed for {STALE_AFTER - REFRESH_EVERY:.0f} s ({exc})"
+
+    def check(self, ask: bool = False) -> None:
+        """Raise :class:`LockLost` when this lock is lost; with ``ask``, look at the lock object first."""
+        if ask and not self.lost:
+            try:
+                if not self.backend.exists(self.name):
+                    self.lost = f"its lock {self.name} was removed by another process (judged stale)"
+            except VbfsError:
+                pass
+        if not self.lost and time.monotonic() - self._refreshed > STALE_AFTER - REFRESH_EVERY:
+            self.lost = f"its lock was not refreshed for {STALE_AFTER - REFRESH_EVERY:.0f} s"
+        if self.lost:
+            raise LockLost(
+                f"stopped: {self.lost}; another process may have deleted chunks meanwhile, so nothing more is "
+                "written (run the operation again)"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -141,9 +199,13 @@ class RepositoryLock:
 
 @contextmanager
 def locked(
-    backend: Backend, kind: str, timeout: float = 0.0, warn: Callable[[str], None] | None = None
+    backend: Backend,
+    kind: str,
+    timeout: float = 0.0,
+    warn: Callable[[str], None] | None = None,
+    mine: frozenset[str] = frozenset(),
 ) -> Iterator[RepositoryLock]:
-    lock = RepositoryLock(backend, kind, warn)
+    lock = RepositoryLock(backend, kind, warn, mine)
     lock.acquire(timeout)
     try:
         yield lock

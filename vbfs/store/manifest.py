@@ -321,6 +321,24 @@ class Manifest:
     def disk(self, name: str) -> DiskRecord | None:
         return next((d for d in self.disks if d.name == name), None)
 
+    def summary(self) -> dict[str, Any]:
+        """What a listing shows of the snapshot (JSON): the catalog's row and the ``vbfs_snapshot_committed`` hook's
+        argument."""
+        return {
+            "id": self.id,
+            "guest": self.guest,
+            "name": self.name,
+            "time": self.time,
+            "finished": self.finished,
+            "hypervisor": self.source.hypervisor,
+            "source": self.source.url,
+            "consistency": self.consistency,
+            "disks": [{"name": d.name, "size": d.size, "mode": d.mode} for d in self.disks],
+            "config": sorted(self.config),
+            "indexed": self.files_index is not None,
+            "stats": dict(self.stats),
+        }
+
     def to_json(self) -> dict[str, Any]:
         doc: dict[str, Any] = {
             "version": self.version,
@@ -426,73 +444,100 @@ class Manifest:
             yield "file index", self.files_index
 
     def references(
-        self, repo: Repository, patch_base: PatchBase | None = None, damaged: Damaged | None = None
+        self,
+        repo: Repository,
+        patch_base: PatchBase | None = None,
+        damaged: Damaged | None = None,
+        walked: set[bytes] | None = None,
     ) -> Iterator[Reference]:
         """Every object this snapshot needs, each time it is needed: the pieces of every chunk list, every disk
         chunk but the zero id, every stream chunk, and the base of every patch record (other than zeros).
 
         Chunk-list pieces are read, and so are patch records, to learn their bases: ``patch_base`` says what a
         disk chunk's base is (the default asks the repository, one lookup per distinct chunk; a caller that
-        listed the patch records passes one that reads only those). A chunk list that cannot be read or does not
-        fit its item, or a patch record that cannot be read, is told to ``damaged`` and the walk goes on with
-        the next item or chunk; without ``damaged`` it is raised as :class:`IntegrityError`. An object that is
-        named but missing is still yielded: the caller decides what a missing object means."""
+        listed the patch records passes one that reads only those, asked at each use). A chunk-list piece that
+        cannot be read or does not fit its item, or a patch record that cannot be read, is told to ``damaged``
+        and the walk goes on with the next item or chunk; without ``damaged`` it is raised as
+        :class:`IntegrityError`. An object that is named but missing is still yielded: the caller decides what a
+        missing object means.
+
+        ``walked`` is for a caller that walks many snapshots and needs each object once (garbage collection): a
+        piece in it is yielded but not read again, and every piece read is added to it. Snapshots share pieces
+        wherever a disk did not change, so such a walk costs what changed, not the sizes of the disks."""
         known: dict[ChunkId, ChunkId | None] = {}
 
         def default_base(cid: ChunkId) -> ChunkId | None:
-            record = repo.chunk_patch(cid)
-            return None if record is None else record.base
+            if cid not in known:
+                record = repo.chunk_patch(cid)
+                known[cid] = None if record is None else record.base
+            return known[cid]
 
         def report(where: str, message: str) -> None:
             if damaged is None:
                 raise IntegrityError(f"{self.label} {where}: {message}")
             damaged(where, message)
 
-        def chunk_list(item: str, pieces: Sequence[str]) -> bytes | None:
-            try:
-                return repo.read_index(pieces)
-            except VbfsError as exc:
-                report(item, f"chunk list unreadable: {exc}")
-                return None
+        def pieces(item: str, ids: Sequence[str], fits: Callable[[int, bytes], bool]) -> Iterator[tuple[int, bytes]]:
+            """(number, bytes) of each chunk-list piece of an item that was not walked before; a piece that cannot
+            be read or does not fit ends the item's walk (its other pieces are still yielded as references)."""
+            for n, piece in enumerate(ids):
+                pid = bytes.fromhex(piece)
+                if walked is not None and pid in walked:
+                    continue
+                try:
+                    raw = repo.read_index_piece(piece)
+                except VbfsError as exc:
+                    report(item, f"chunk list unreadable: {exc}")
+                    return
+                if not fits(n, raw):
+                    report(item, "chunk list has the wrong length")
+                    return
+                if walked is not None:
+                    walked.add(pid)
+                yield n, raw
 
         base_of = patch_base or default_base
+        span = INDEX_PIECE_ENTRIES * ID_SIZE
         for d in self.disks:
             item = f"disk {d.name}"
             yield from (Reference(bytes.fromhex(piece), item, -1) for piece in d.index)
-            raw = chunk_list(item, d.index)
-            if raw is None:
-                continue
-            if len(raw) != d.chunks * ID_SIZE:
-                report(item, "chunk list has the wrong length")
-                continue
-            for i in range(d.chunks):
-                cid = raw[i * ID_SIZE : (i + 1) * ID_SIZE]
-                if cid == _ZERO_ID:
-                    continue
-                ref = Reference(cid, item, i * d.chunk_size)
-                yield ref
-                if cid not in known:
+            total = d.chunks * ID_SIZE
+
+            def disk_fits(n: int, raw: bytes, total: int = total) -> bool:
+                return len(raw) == min(span, total - n * span)
+
+            for n, raw in pieces(item, d.index, disk_fits):
+                first = n * INDEX_PIECE_ENTRIES
+                for i in range(len(raw) // ID_SIZE):
+                    cid = raw[i * ID_SIZE : (i + 1) * ID_SIZE]
+                    if cid == _ZERO_ID:
+                        continue
+                    ref = Reference(cid, item, (first + i) * d.chunk_size)
+                    yield ref
                     try:
-                        known[cid] = base_of(cid)
+                        base = base_of(cid)
                     except VbfsError as exc:
                         report(ref.where, str(exc))
                         continue
-                base = known[cid]
-                if base is not None and base != _ZERO_ID:
-                    yield Reference(base, item, ref.offset, base_of=cid)
+                    if base is not None and base != _ZERO_ID:
+                        yield Reference(base, item, ref.offset, base_of=cid)
+        entry = _STREAM_ENTRY.size
         for item, stream in self.streams():
             yield from (Reference(bytes.fromhex(piece), item, -1) for piece in stream.index)
-            raw = chunk_list(item, stream.index)
-            if raw is None:
-                continue
-            if len(raw) % _STREAM_ENTRY.size:
-                report(item, "chunk list has the wrong length")
-                continue
-            pos = 0
-            for off in range(0, len(raw), _STREAM_ENTRY.size):
-                cid, length = _STREAM_ENTRY.unpack_from(raw, off)
-                yield Reference(cid, item, pos)
-                pos += length
-            if pos != stream.size:
-                report(item, "chunk list does not add up to the size")
+            last = len(stream.index) - 1
 
+            def stream_fits(n: int, raw: bytes, last: int = last) -> bool:
+                return len(raw) == span // ID_SIZE * entry if n < last else 0 < len(raw) <= span // ID_SIZE * entry
+
+            pos = 0
+            whole = True
+            seen = 0
+            for n, raw in pieces(item, stream.index, stream_fits):
+                whole = whole and n == seen
+                seen = n + 1
+                for off in range(0, len(raw), entry):
+                    cid, length = _STREAM_ENTRY.unpack_from(raw, off)
+                    yield Reference(cid, item, pos)
+                    pos += length
+            if whole and seen == len(stream.index) and pos != stream.size:
+                report(item, "chunk list does not add up to the size")

@@ -27,7 +27,7 @@ import struct
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,7 +51,7 @@ from vbfs.store.config import (
     verify_seal,
 )
 from vbfs.store.keys import create_key, unlock_key
-from vbfs.store.locks import EXCLUSIVE, SHARED, RepositoryLock, locked
+from vbfs.store.locks import EXCLUSIVE, GC, SHARED, RepositoryLock, locked
 from vbfs.store.manifest import INDEX_PIECE_ENTRIES, MANIFEST_VERSION, Manifest, StreamRecord
 from vbfs.store.patch import PatchRecord
 
@@ -98,6 +98,8 @@ class Repository:
         self._leftovers_done = False
         self._index: ChunkIndex | None = None  # the chunk index the last write session started from
         self._index_lock = threading.Lock()
+        self._held: list[RepositoryLock] = []  # the locks this process holds on this repository
+        self._held_lock = threading.Lock()
 
     # ---- creation and opening -------------------------------------------------------------------------------
 
@@ -260,10 +262,40 @@ class Repository:
         """A shared lock; on read-only storage none can be written, and nothing can delete data there either."""
         if self.read_only:
             return nullcontext()
-        return locked(self.backend, SHARED, timeout, warn=self.warn)
+        return self.lock(SHARED, timeout)
 
     def lock_exclusive(self, timeout: float = 0.0) -> AbstractContextManager[RepositoryLock]:
-        return locked(self.backend, EXCLUSIVE, timeout, warn=self.warn)
+        return self.lock(EXCLUSIVE, timeout)
+
+    def lock_gc(self, timeout: float = 0.0) -> AbstractContextManager[RepositoryLock]:
+        """The lock of forget, prune and gc: shared with backups, not with another gc (see store/locks.py)."""
+        return self.lock(GC, timeout)
+
+    @contextmanager
+    def lock(self, kind: str, timeout: float = 0.0) -> Iterator[RepositoryLock]:
+        """A lock of ``kind``; this process's other locks on this repository do not count against it."""
+        with self._held_lock:
+            mine = frozenset(lock.name for lock in self._held)
+        with locked(self.backend, kind, timeout, warn=self.warn, mine=mine) as lock:
+            with self._held_lock:
+                self._held.append(lock)
+            try:
+                yield lock
+            finally:
+                with self._held_lock:
+                    self._held.remove(lock)
+
+    def holds(self, kind: str) -> bool:
+        """Whether this process holds a lock of ``kind`` on this repository."""
+        with self._held_lock:
+            return any(lock.kind == kind for lock in self._held)
+
+    def check_locks(self, ask: bool = False) -> None:
+        """Raise :class:`vbfs.store.locks.LockLost` when a lock this process holds here is lost (see locks.py)."""
+        with self._held_lock:
+            held = list(self._held)
+        for lock in held:
+            lock.check(ask)
 
     # ---- chunks -------------------------------------------------------------------------------------------------
 
@@ -281,6 +313,11 @@ class Repository:
             self._index = ChunkIndex.load(self, self._index)
             index = self._index
         return WriteSession(self, index)
+
+    def drop_chunk_index(self) -> None:
+        """Forget the chunk index held in memory (garbage collection rewrote it); the next session loads it."""
+        with self._index_lock:
+            self._index = None
 
     def get_chunk(self, cid: ChunkId) -> bytes:
         """A chunk's bytes, verified; a chunk stored as a patch record is read from its base and its pieces."""

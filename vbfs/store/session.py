@@ -5,8 +5,10 @@ A session owns its open batch (:class:`vbfs.store.backend.Batch`), the chunk ind
 chunk is new: an id in the index or already stored by this session is not stored again, and no backend call is
 made for that decision. ``commit(manifest)`` lands the batch, writes the session's index object, then the
 manifest. A session that ends without committing (an exception, or no commit) removes the temporaries of its
-open batch and nothing else: two sessions of one process (two guests backed up at once) never land or discard
-each other's objects. Objects of batches that landed earlier stay, unnamed, for a later garbage collection.
+open batch and nothing else; a session whose repository lock is lost (store/locks.py) stops with
+:class:`vbfs.store.locks.LockLost` before anything more lands. Two sessions of one process (two guests backed
+up at once) never land or discard each other's objects. Objects of batches that landed earlier stay, unnamed,
+for a later garbage collection.
 
 Thread-safe: a backup's worker threads store chunks through one session at once.
 """
@@ -107,6 +109,7 @@ class WriteSession:
     def _put(self, name: str, data: bytes | memoryview, patch: bool = False) -> int:
         if self._done:
             raise VbfsError("this write session has ended")
+        self.repo.check_locks()  # a lost lock stops the session before more lands
         blob = self._codec.encode(data, name, patch=patch)
         self._backend.put_batched(name, blob, self._batch)
         failpoint("chunk-written")
@@ -197,6 +200,7 @@ class WriteSession:
 
     def flush(self) -> None:
         """Land this session's open batch and make it durable."""
+        self.repo.check_locks()
         self._backend.flush(self._batch)
 
     def commit(self, manifest: Manifest) -> None:
@@ -210,5 +214,6 @@ class WriteSession:
             raw = index_object(str(snap_id), self._chunks, self._patches)
         self._backend.put(name, self._codec.encode(raw, name))
         failpoint("index-written")
+        self.repo.check_locks(ask=True)  # the lock object itself: a gc may have judged it stale and gone ahead
         self.repo.commit_manifest(manifest)
         self.close()

@@ -1,5 +1,8 @@
 """Restore: copy a node of the snapshot tree (a disk image, a guest file or folder, ...) out to a local path.
 
+An adapter of the tree of :mod:`vbfs.vfs`, like the FUSE adapter (:mod:`vbfs.fuse`): it reads the tree and
+writes below a local folder.
+
 A guest's files are attacker-controlled data and restore usually runs as root, so it writes only below the path
 the user gave, and never through anything it did not make itself:
 

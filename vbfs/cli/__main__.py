@@ -1,0 +1,5 @@
+"""``python -m vbfs.cli``: the ``vbfs`` command."""
+
+from vbfs.cli import main
+
+main()

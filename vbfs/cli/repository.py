@@ -1,0 +1,137 @@
+"""Commands about the repository as a whole: ``init``, ``info``, ``check`` and ``catalog rebuild``."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from vbfs.catalog import Catalog
+from vbfs.cli.main import Ctx, cli, passphrase_provider, progress_for, with_repository
+from vbfs.errors import VbfsError
+from vbfs.store.repository import Repository
+
+
+@cli.command()
+@click.argument("path", required=False)
+@click.option(
+    "-e",
+    "--encryption",
+    type=click.Choice(["repokey", "none"]),
+    required=True,
+    help="repokey: a random key wrapped by your passphrase, stored in the repository; none: plaintext.",
+)
+@click.option(
+    "--chunk-size",
+    type=int,
+    default=1024 * 1024,
+    show_default=True,
+    help="Disk chunk size in bytes (a power of two).",
+)
+@click.pass_obj
+def init(obj: Ctx, path: str | None, encryption: str, chunk_size: int) -> None:
+    """Create a new repository at PATH (or -r / VBFS_REPO)."""
+    location = path or obj.location()
+    repo = Repository.init(location, encryption, passphrase_provider, chunk_size)
+    click.echo(f"created repository {location} (id {repo.id}, encryption {encryption})")
+    if encryption == "repokey":
+        click.echo("keep the passphrase safe: without it the backups cannot be read", err=True)
+
+
+@cli.command()
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@with_repository(lock=None, catalog=True)
+def info(repo: Repository, cat: Catalog, json_out: bool) -> None:
+    """Show the repository's settings, where its catalog is, and what it holds."""
+    snaps = cat.snapshots()
+    doc = {
+        "location": repo.location,
+        "id": repo.id,
+        "encryption": repo.config["encryption"],
+        "chunk_size": repo.chunk_size,
+        "compression": repo.config["compression"],
+        "catalog": str(repo.catalog_path()),
+        "guests": len(cat.guests()),
+        "snapshots": len(snaps),
+    }
+    if json_out:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        for k, v in doc.items():
+            click.echo(f"{k:12} {v}")
+
+
+@cli.command()
+@click.option("--verify-data", is_flag=True, help="Also read and verify every chunk.")
+@click.option(
+    "--acknowledge-missing",
+    metavar="ID|all",
+    help="Stop reporting a snapshot that disappeared without being forgotten (its id, or all of them).",
+)
+@click.option("--json", "json_out", is_flag=True, help="Print JSON.")
+@with_repository(lock="shared", catalog="unsynced")
+def check(repo: Repository, cat: Catalog, verify_data: bool, acknowledge_missing: str | None, json_out: bool) -> None:
+    """Check that every snapshot is whole; with --verify-data, that every chunk is intact.
+
+    Also reports snapshots that disappeared from the repository without being forgotten, and removes leftovers
+    of processes that are gone (temporary files, locks)."""
+    from vbfs.engine.check import check as run_check
+
+    warnings = cat.sync(repo)
+    catalog_damage, cat.notes = cat.notes, []  # repaired, and an error of this check
+    if acknowledge_missing:
+        done = cat.acknowledge_vanished(acknowledge_missing)
+        if not done:
+            raise VbfsError(f"no unacknowledged vanished snapshot matches {acknowledge_missing!r}")
+        for v in done:
+            click.echo(f"vbfs: note: acknowledged that {v['guest']}@{v['name']} ({v['id']}) is gone", err=True)
+    for w in warnings:
+        if "disappeared from the repository" not in w:  # those are errors of the check below
+            click.echo(f"vbfs: warning: {w}", err=True)
+    report = run_check(repo, verify_data, progress_for(json_out), cat)
+    report.errors += catalog_damage
+    if json_out:
+        click.echo(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "snapshots": report.snapshots,
+                    "chunks_referenced": report.chunks_referenced,
+                    "chunks_verified": report.chunks_verified,
+                    "errors": report.errors,
+                    "warnings": report.warnings,
+                    "notes": report.notes,
+                },
+                indent=2,
+            )
+        )
+    else:
+        for note in report.notes:
+            click.echo(f"vbfs: note: {note}", err=True)
+        for w in report.warnings:
+            click.echo(f"vbfs: warning: {w}", err=True)
+        for e in report.errors:
+            click.echo(f"vbfs: damaged: {e}", err=True)
+        verified = f", {report.chunks_verified} verified" if verify_data else ""
+        click.echo(
+            f"{report.snapshots} snapshot(s), {report.chunks_referenced} chunk(s) referenced{verified}: "
+            f"{'ok' if report.ok else f'{len(report.errors)} error(s)'}"
+        )
+    if not report.ok:
+        sys.exit(3)
+
+
+@cli.group()
+def catalog() -> None:
+    """The catalog (an index that can always be recreated from the repository)."""
+
+
+@catalog.command("rebuild")
+@with_repository(lock=None, catalog="unsynced")
+def catalog_rebuild(repo: Repository, cat: Catalog) -> None:
+    """Recreate the catalog from the snapshot manifests alone."""
+    for w in cat.rebuild(repo) + cat.notes:
+        click.echo(f"vbfs: warning: {w}", err=True)
+    n = len(cat.snapshots())
+    click.echo(f"catalog rebuilt: {n} snapshot(s)")
