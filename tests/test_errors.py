@@ -36,6 +36,20 @@ def test_missing_repository(make_vbfs: Callable[..., Vbfs], tmp_path: Path) -> N
     one_line_error(proc, "-r PATH", "VBFS_REPO")
 
 
+@pytest.mark.parametrize("address", ["ssh://backup@host/srv/repo", "s3://bucket/repo", "sftp://host/x"])
+def test_a_repository_address_with_a_scheme_is_refused(
+    make_vbfs: Callable[..., Vbfs], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    v = make_vbfs()
+    for args in (["init", "-e", "none", address], ["-r", address, "snapshots"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "vbfs.cli", *args], env=v.env, capture_output=True, text=True, cwd=tmp_path
+        )
+        one_line_error(proc, "are not supported", address.split(":")[0] + "://")
+    assert not list(tmp_path.glob("*:")), "no local folder named after the scheme"
+
+
 def test_init_refuses_a_used_directory(vbfs: Vbfs) -> None:
     one_line_error(vbfs("init", "-e", "none", check=False), "exists and is not an empty directory")
 

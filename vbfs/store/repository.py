@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import struct
 import threading
 import uuid
@@ -115,7 +116,7 @@ class Repository:
             raise VbfsError(f"unknown encryption mode {encryption!r} (use 'repokey' or 'none')")
         if chunk_size < 64 * 1024 or chunk_size > 16 * 1024 * 1024 or chunk_size & (chunk_size - 1):
             raise VbfsError("chunk size must be a power of two between 64 KiB and 16 MiB")
-        root = Path(location)
+        root = local_path(location)
         if root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise RepositoryExists(f"{location} exists and is not an empty directory")
         try:
@@ -157,7 +158,7 @@ class Repository:
 
     @classmethod
     def open(cls, location: str, passphrase: PassphraseProvider) -> Repository:
-        root = Path(location)
+        root = local_path(location)
         if not (root / "config").is_file():
             if not root.exists():
                 raise RepositoryNotFound(f"no repository at {location} (the path does not exist)")
@@ -404,6 +405,18 @@ class Repository:
     def delete_manifest(self, snap_id: str) -> None:
         self.backend.delete(f"snapshots/{snap_id}")
         self.backend.flush()
+
+
+def local_path(location: str) -> Path:
+    """The folder of a repository location; an address with a scheme (``ssh://``, ``s3://``) is refused in one
+    line rather than taken for a local folder named ``ssh:``."""
+    m = re.match(r"([A-Za-z][A-Za-z0-9+.-]*)://", location)
+    if m:
+        raise VbfsError(
+            f"{location}: repositories at {m.group(1)}:// addresses are not supported; give a local folder (or a "
+            "mounted network filesystem) as a path"
+        )
+    return Path(location)
 
 
 def _refuse_encrypted_objects(backend: Backend, location: str) -> None:

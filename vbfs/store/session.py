@@ -212,8 +212,16 @@ class WriteSession:
         name = f"{INDEX_PREFIX}{self.id}"
         with self._lock:
             raw = index_object(str(snap_id), self._chunks, self._patches)
+        # The lock object itself, before anything names this session's chunks: a gc that judged the lock stale
+        # may have deleted some of them. A lost lock found after the index object landed takes it back.
+        self.repo.check_locks(ask=True)
         self._backend.put(name, self._codec.encode(raw, name))
         failpoint("index-written")
-        self.repo.check_locks(ask=True)  # the lock object itself: a gc may have judged it stale and gone ahead
+        try:
+            self.repo.check_locks(ask=True)
+        except VbfsError:
+            self._backend.delete(name)
+            self._backend.flush()
+            raise
         self.repo.commit_manifest(manifest)
         self.close()
