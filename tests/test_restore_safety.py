@@ -233,7 +233,7 @@ def test_duplicate_names_and_a_symlink_in_the_way_of_a_folder(
     os.unlink(out / "uploads/a.txt")
     os.rmdir(out / "uploads")
     os.symlink(hostile.around / "hostdir", out / "uploads")
-    done = backed_up("restore", f"{SPEC}/dups", str(out.parent))  # into the existing folder: out is c/dups
+    done = backed_up("restore", f"{SPEC}/dups", str(out))  # merged into the existing folder out
     assert not (out / "uploads").is_symlink() and (out / "uploads/a.txt").read_text() == "the guest's upload\n"
     assert any("replaced the symlink" in n for n in notes(done)), done.stderr
     m = mounted(backed_up)
@@ -298,7 +298,7 @@ def test_a_folder_in_the_way_of_a_file_is_refused_and_nothing_is_left(
     untouched(out)
     (out / "victim/passwd").mkdir(parents=True)
     (out / "victim/passwd/mine.txt").write_text("the user's own file\n")
-    bad = backed_up("restore", f"{SPEC}/victim", str(out), check=False)  # into the existing folder: out/victim
+    bad = backed_up("restore", f"{SPEC}/victim", str(out / "victim"), check=False)  # merged into out/victim
     assert bad.returncode != 0
     last = bad.stderr.strip().splitlines()[-1]
     assert last == f"vbfs: error: cannot restore {out}/victim/passwd: a folder is in the way", bad.stderr
@@ -340,7 +340,7 @@ def test_a_stopped_restore_leaves_nothing_behind(
         _, err = proc.communicate(timeout=60)
         assert "Traceback" not in err, err
         # The signal may come after the last byte (the restore then ends normally, with the whole file).
-        assert proc.returncode == 0 or (proc.returncode == 130 and "vbfs: interrupted" in err), err
+        assert proc.returncode == 0 or (proc.returncode == 130 and "vbfs: error: interrupted" in err), err
         left = set(os.listdir(out.parent)) - before
         if left == {out.name}:  # the signal came after the rename, while the restore synced: the file is whole
             assert sha256(out) == sha256(tree / "big.bin")

@@ -8,6 +8,7 @@ insecure = false                  # skip TLS verification (prints a warning)
 ca_file = "/etc/vbfs/vcenter-ca.pem"
 password_file = "/etc/vbfs/vcenter.password"
 index = true                      # index the guests' files for find and diff
+tags = ["nightly"]                # tags of every snapshot the job makes (besides backup --tag)
 
 [retention]                       # optional: what `vbfs prune` keeps of each guest of this job
 keep-daily = 7
@@ -29,6 +30,7 @@ from typing import Any
 from vbfs.engine.retention import Policy
 from vbfs.errors import VbfsError
 from vbfs.sources import GuestInfo
+from vbfs.store.manifest import LabelError, check_tags
 
 OPTION_KEYS = {"insecure": bool, "ca_file": str, "password_file": str, "user": str, "streams": int}
 
@@ -45,6 +47,7 @@ class Job:
     index: bool = True
     options: dict[str, Any] = field(default_factory=dict)
     retention: Policy | None = None  # the job's [retention] table, when it has one
+    tags: list[str] = field(default_factory=list)
 
     @classmethod
     def load(cls, path: Path) -> Job:
@@ -54,7 +57,7 @@ class Job:
             raise JobError(f"job {path}: {exc.strerror or exc}") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise JobError(f"job {path}: not valid TOML ({exc})") from None
-        known = {"source", "guests", "exclude", "index", "retention", *OPTION_KEYS}
+        known = {"source", "guests", "exclude", "index", "retention", "tags", *OPTION_KEYS}
         unknown = sorted(set(data) - known)
         if unknown:
             raise JobError(f"job {path}: unknown setting {unknown[0]!r} (known: {', '.join(sorted(known))})")
@@ -82,7 +85,14 @@ class Job:
             if not isinstance(table, dict):
                 raise JobError(f"job {path}: 'retention' must be a table ([retention] with keep-... settings)")
             retention = Policy.from_mapping(table, f"job {path} [retention]")
-        return cls(source, lists["guests"], lists["exclude"], index, options, retention)
+        tags = data.get("tags", [])
+        if not isinstance(tags, list):
+            raise JobError(f"job {path}: 'tags' must be a list of tags, e.g. tags = [\"nightly\"]")
+        try:
+            check_tags(tags)
+        except LabelError as exc:
+            raise JobError(f"job {path}: 'tags': {exc}") from None
+        return cls(source, lists["guests"], lists["exclude"], index, options, retention, list(tags))
 
     def select(self, offered: list[GuestInfo]) -> tuple[list[str], list[str]]:
         """The guests to back up, in the order offered, and the job's explicit names that matched nothing."""

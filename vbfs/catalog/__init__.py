@@ -37,15 +37,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from vbfs import times
 from vbfs.errors import SnapshotNotFound, VbfsError
+from vbfs.globs import name_regex, path_regex
 
 if TYPE_CHECKING:
     import sqlite_utils
 from vbfs.store import marks
-from vbfs.store.manifest import Manifest, format_time, parse_time
+from vbfs.store.manifest import Manifest, format_time, tags_match
 from vbfs.store.repository import Repository
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: summaries carry tags and note
 FileRow = tuple[str, str, int, int, int]  # path below files/, type, size, mtime_ns, mode
 INT64_MAX = 2**63 - 1
 T = TypeVar("T")
@@ -545,8 +547,8 @@ class Catalog:
         for v in self.vanished():
             warnings.append(
                 f"snapshot {v['guest']}@{v['name']} ({v['id']}) disappeared from the repository without being "
-                f"forgotten (noticed {v['noticed'][:19]}Z); once you know why: vbfs check --acknowledge-missing "
-                f"{v['id'][:8]}"
+                f"forgotten (noticed {times.show_stored(v['noticed'])}); once you know why: "
+                f"vbfs check --acknowledge-missing {v['id'][:8]}"
             )
         return warnings
 
@@ -624,14 +626,17 @@ class Catalog:
     # ---- reading ----------------------------------------------------------------------------------------------
 
     @_guarded
-    def snapshots(self, guest: str | None = None) -> list[dict[str, Any]]:
+    def snapshots(self, guest: str | None = None, tags: list[frozenset[str]] | None = None) -> list[dict[str, Any]]:
+        """Summaries, oldest first per guest; of ``guest`` only, and passing the tag filter ``tags``
+        (:func:`vbfs.store.manifest.tag_filter`), when given."""
         sql = "SELECT summary FROM snapshots"
         args: list[Any] = []
         if guest is not None:
             sql += " WHERE guest = ?"
             args.append(guest)
         sql += " ORDER BY guest, time, id"
-        return [json.loads(r[0]) for r in self.conn.execute(sql, args).fetchall()]
+        rows = [json.loads(r[0]) for r in self.conn.execute(sql, args).fetchall()]
+        return [r for r in rows if tags_match(r.get("tags", []), tags or [])]
 
     @_guarded
     def guests(self) -> list[dict[str, Any]]:
@@ -652,12 +657,9 @@ class Catalog:
 
     @_guarded
     def find(self, pattern: str, guest: str | None = None) -> list[dict[str, Any]]:
-        """Every version of every guest file whose name (or, with a '/', whole path) matches ``pattern``."""
-        column = "v.path" if "/" in pattern else "v.name"
-        if any(c in pattern for c in "*?["):
-            where, args = f"{column} GLOB ?", [pattern.lstrip("/")]
-        else:
-            where, args = f"{column} = ?", [pattern.lstrip("/")]
+        """Every version of every guest file that ``pattern`` matches (see :class:`PathPattern`)."""
+        pat = PathPattern(pattern)
+        where, args = pat.sql()
         if guest is not None:
             where += " AND v.guest = ?"
             args.append(guest)
@@ -675,6 +677,8 @@ class Catalog:
         ).fetchall()
         out = []
         for g, path, typ, size, mtime, mode, snap_list in rows:
+            if not pat.matches(path):
+                continue
             held = sorted((snaps[int(r)] for r in snap_list.split(",")), key=lambda x: x["time"])
             out.append(
                 {
@@ -727,7 +731,7 @@ class Catalog:
                 return dict(json.loads(rows[0][0]))
             if len(rows) > 1:
                 raise SnapshotNotFound(f"snapshot id prefix {which!r} of {guest} is ambiguous ({len(rows)} match)")
-        when = parse_time(which)
+        when = times.parse(which)
         if when is None:
             raise SnapshotNotFound(f"no snapshot {which!r} of guest {guest!r}")
         row = self.conn.execute(
@@ -737,3 +741,87 @@ class Catalog:
         if not row:
             raise SnapshotNotFound(f"guest {guest!r} has no snapshot at or before {which}")
         return dict(json.loads(row[0]))
+
+
+class PathPattern:
+    """What ``vbfs find`` matches, against the paths it prints (``/files/<disk>/<volume>/<path in the guest>``).
+
+    - Without a ``/``: the file's name, e.g. ``*.conf``.
+    - Starting with ``/``: the whole printed path, e.g. ``/files/web01/p1/etc/*``.
+    - Any other with a ``/``: the end of the path, whole parts only: ``etc/*.conf`` is ``/files/**/etc/*.conf``.
+
+    The wildcards are those of :mod:`vbfs.globs` (``*`` within one part of a path, ``**`` across parts:
+    ``/files/**/passwd``). SQLite's GLOB, whose ``*`` crosses ``/``, picks the candidates; the pattern's own
+    expression decides."""
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.by_name = "/" not in pattern
+        if self.by_name or pattern.startswith("/"):
+            self.full = pattern
+        else:
+            self.full = "/files/**/" + pattern
+        self.regex = name_regex(pattern) if self.by_name else path_regex(self.full)
+
+    def sql(self) -> tuple[str, list[Any]]:
+        """A WHERE clause over ``file_versions v`` that holds for every match (and maybe more)."""
+        if self.by_name:
+            if not any(c in self.pattern for c in "*?["):
+                return "v.name = ?", [self.pattern]
+            return "v.name GLOB ?", [_sqlite_glob(self.pattern)]
+        # `path` is stored below files/: the printed path without its "/files/"
+        if not self.full.startswith("/files/"):
+            return "0", []
+        rest = self.full[len("/files/") :]
+        if not any(c in rest for c in "*?["):
+            return "v.path = ?", [rest]
+        return "v.path GLOB ?", [_sqlite_glob(rest)]
+
+    def matches(self, path: str) -> bool:
+        """Does the pattern match ``path`` (as stored: below files/)?"""
+        subject = path.rsplit("/", 1)[-1] if self.by_name else "files/" + path
+        return self.regex.fullmatch(subject) is not None
+
+
+def _glob_parts(pattern: str) -> Iterator[tuple[str, str]]:
+    """The pattern as (kind, text): ``**``, ``*``, ``?``, ``set`` (``[...]`` without its brackets) or ``char``."""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            yield "**", "**"
+            i += 2
+            continue
+        if c in "*?":
+            yield c, c
+        elif c == "[":
+            first = i + 2 if pattern.startswith(("[!", "[^"), i) else i + 1
+            end = pattern.find("]", first + 1)  # a "]" right after "[" or "[!" is one of the set
+            if end < 0:
+                yield "char", c
+            else:
+                yield "set", pattern[i + 1 : end]
+                i = end + 1
+                continue
+        else:
+            yield "char", c
+        i += 1
+
+
+def _sqlite_glob(pattern: str) -> str:
+    """A GLOB for SQLite that matches at least what ``pattern`` does (its ``*`` crosses ``/``)."""
+    out = []
+    parts = list(_glob_parts(pattern))
+    for n, (kind, text) in enumerate(parts):
+        if kind == "char" and text == "/" and n and parts[n - 1][0] == "**":
+            continue  # "**/" may match nothing at all
+        if kind in ("**", "*", "?"):
+            out.append(kind[0])
+        elif kind == "set":
+            negate = text[:1] in ("!", "^")
+            out.append(f"[^{text[1:]}]" if negate else f"[{text}]")
+        elif text in "*?[":
+            out.append(f"[{text}]")
+        else:
+            out.append(text)
+    return "".join(out)

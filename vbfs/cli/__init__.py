@@ -3,8 +3,11 @@ of commands has a module of its own, imported here so that its commands register
 
 import vbfs.cli.backup
 import vbfs.cli.browse
+import vbfs.cli.keys
+import vbfs.cli.locks
 import vbfs.cli.mount
 import vbfs.cli.repository
+import vbfs.cli.restore
 import vbfs.cli.retention  # noqa: F401
 from vbfs.cli.main import cli, main
 

@@ -6,6 +6,7 @@ The per-guest work is :class:`vbfs.engine.jobs.JobRunner`'s; these commands choo
 from __future__ import annotations
 
 import json
+import time
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -13,22 +14,24 @@ from typing import Any
 import click
 
 from vbfs.catalog import Catalog
-from vbfs.cli.main import cli, human, progress_for, stop_on_sigterm, with_repository
+from vbfs.cli.main import Settings, cli, human, note, progress_for, say, stop_on_sigterm, with_repository
 from vbfs.errors import VbfsError
 from vbfs.job import Job
 from vbfs.plugins import default_manager, registry
 from vbfs.sources import SourceURL
-from vbfs.store.manifest import Manifest
+from vbfs.store.manifest import Manifest, check_note, check_tags
 from vbfs.store.repository import Repository
 
 
-def _summary_line(m: Manifest) -> str:
+def _summary_line(m: Manifest, phases: dict[str, float], seconds: float) -> str:
+    """What a backup did, and how long it took: ``seconds`` in all, then each phase's share."""
     s = m.stats
-    rate = s["read_bytes"] / s["seconds"] / 1e6 if s["seconds"] else 0.0
+    rate = s["read_bytes"] / phases["read"] / 1e6 if phases.get("read") else 0.0
+    named = ", ".join(f"{k} {v:.1f} s" for k, v in phases.items() if k != "index" or "index_seconds" in s)
     return (
-        f"{m.guest}@{m.name} ({m.id[:8]}): read {human(s['read_bytes'])}, new {human(s['new_bytes'])}, "
-        f"deduplicated {human(s['dedup_bytes'])}, stored {human(s['stored_bytes'])}, "
-        f"{s['seconds']:.1f} s, {rate:.0f} MB/s"
+        f"{m.guest}@{m.name} ({m.id[:8]}): read {human(s['read_bytes'])} at {rate:.0f} MB/s, "
+        f"new {human(s['new_bytes'])}, deduplicated {human(s['dedup_bytes'])}, stored {human(s['stored_bytes'])}; "
+        f"{seconds:.1f} s ({named})"
     )
 
 
@@ -42,11 +45,21 @@ def _source_options(insecure: bool, guest: str | None = None) -> dict[str, Any]:
 
 
 def _plan(
-    source: str | None, guest: str | None, job_file: Path | None, insecure: bool, no_index: bool, **_: Any
+    source: str | None,
+    guest: str | None,
+    job_file: Path | None,
+    insecure: bool,
+    no_index: bool,
+    tags: tuple[str, ...] = (),
+    user_note: str | None = None,
+    **_: Any,
 ) -> dict[str, Any]:
     """What to back up, checked before the repository is opened."""
     if (source is None) == (job_file is None):
         raise click.UsageError("give either a SOURCE or --job FILE")
+    check_tags(list(dict.fromkeys(tags)))
+    if user_note is not None:
+        check_note(user_note)
     job: Job | None = None
     if job_file is not None:
         if guest:
@@ -73,6 +86,10 @@ def _plan(
 )
 @click.option("--insecure", is_flag=True, help="Do not verify the hypervisor's TLS certificate (prints a warning).")
 @click.option("--no-index", is_flag=True, help="Do not index the guest's files (find and diff will not see them).")
+@click.option("--tag", "tags", multiple=True, metavar="TAG", help="Tag the snapshot (repeat for more tags).")
+@click.option(
+    "--note", "user_note", metavar="TEXT", help="A note kept with the snapshot (one line), shown by vbfs snapshots."
+)
 @click.option("--json", "json_out", is_flag=True, help="Print the new snapshot as JSON.")
 @with_repository(lock="shared", catalog=True, writable=True, before=_plan)
 def backup(
@@ -80,6 +97,8 @@ def backup(
     cat: Catalog,
     guest: str | None,
     job_file: Path | None,
+    tags: tuple[str, ...],
+    user_note: str | None,
     json_out: bool,
     job: Job | None,
     url: SourceURL,
@@ -92,16 +111,21 @@ def backup(
 
     stop_on_sigterm()
 
-    def done(manifest: Manifest) -> None:
+    guest_started = [Settings.current().started]
+
+    def done(manifest: Manifest, phases: dict[str, float]) -> None:
         with suppress(VbfsError):
             cat.sync(repo)  # the catalog is a cache of the repository: it learns of the new snapshot from there
+        now = time.monotonic()
+        seconds, guest_started[0] = now - guest_started[0], now  # the first guest's time is the command's so far
         if not json_out:
-            for note in manifest.notes:
-                click.echo(f"vbfs: note: {note}", err=True)
-            click.echo(_summary_line(manifest))
+            for text in manifest.notes:
+                note(text)
+            click.echo(_summary_line(manifest, phases, seconds))
 
     def failed(name: str, exc: VbfsError) -> None:
-        click.echo(f"vbfs: {name}: {exc}", err=True)
+        guest_started[0] = time.monotonic()
+        say("error", f"{name}: {exc}")
 
     runner = JobRunner(
         repo,
@@ -109,6 +133,8 @@ def backup(
         registry().filesystems(),
         index_files=index,
         progress=lambda: progress_for(json_out),
+        tags=tuple(dict.fromkeys(tags)),
+        note=user_note,
         on_done=done,
         on_failed=failed,
     )
@@ -117,9 +143,14 @@ def backup(
         result = runner.run(hv, url.raw, job, guest, str(job_file))
     finally:
         hv.close()
+    if job is not None and not json_out:
+        click.echo(
+            f"{len(result.manifests)} of {result.total} guest(s) backed up in {Settings.current().elapsed():.1f} s"
+        )
     if json_out:
         docs = [m.to_json() for m in result.manifests]
-        rows = [{k: d[k] for k in ("id", "guest", "name", "time", "consistency", "stats", "notes")} for d in docs]
+        keys = ("id", "guest", "name", "time", "consistency", "stats", "notes")
+        rows = [{**{k: d[k] for k in keys}, "tags": d.get("tags", []), "note": d.get("note")} for d in docs]
         calls = {"backend_calls": repo.backend.calls.snapshot()}  # of the whole command: what storage requests cost
         click.echo(json.dumps(rows if job is not None else {**rows[0], **calls}, indent=2))
     if result.failures:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections.abc import Callable
 from contextlib import suppress
@@ -13,7 +12,7 @@ from typing import Any
 import click
 
 from vbfs.catalog import Catalog
-from vbfs.cli.main import cli, repository_lock, with_repository
+from vbfs.cli.main import Settings, cli, note, repository_lock, warn, with_repository
 from vbfs.errors import VbfsError
 from vbfs.plugins import registry
 from vbfs.store.cache import ChunkCache
@@ -57,9 +56,11 @@ def mount(
     preload: threading.Thread,
 ) -> None:
     """Mount the repository read-only at MOUNTPOINT: guests, snapshots, disks and the guests' own files."""
-    from vbfs.fuse.mount import serve, serve_in_background
+    from vbfs.fuse.mount import mountpoint_is_empty, serve, serve_in_background
 
     preload.join()
+    if not mountpoint_is_empty(mountpoint):
+        warn(f"{mountpoint} is not empty: what it holds is hidden while the repository is mounted there")
     cat.close()  # brought up to date before the tree is served; each serving thread opens its own
 
     def make_root() -> Node:
@@ -80,11 +81,7 @@ def mount(
             serve(make_root(), mountpoint, on_ready, debug=debug)
 
     if foreground:
-        logging.basicConfig(
-            level=logging.DEBUG if debug else logging.INFO,
-            stream=sys.stderr,
-            format="%(asctime)s %(levelname)s %(message)s",
-        )
+        Settings.current().show_at_least(logging.DEBUG if debug else logging.INFO)  # its log, on stderr
         run()
         return
     log_file = repo.catalog_path().parent / "mount.log"
@@ -94,10 +91,22 @@ def mount(
 
 @cli.command()
 @click.argument("mountpoint", type=click.Path(path_type=Path))
-def umount(mountpoint: Path) -> None:
-    """Unmount a vbfs mount, also one whose process was killed."""
-    from vbfs.fuse.mount import unmount, wait_unmounted
+@click.option(
+    "--lazy",
+    is_flag=True,
+    help="If the mount is busy, detach it now anyway: it ends when the last process using it lets go.",
+)
+def umount(mountpoint: Path, lazy: bool) -> None:
+    """Unmount a vbfs mount, also one whose process was killed.
 
-    unmount(mountpoint)
+    A mount that a process still uses (its working folder or an open file is inside) is refused with the names of
+    those processes, unless --lazy."""
+    from vbfs.fuse.mount import unmount, users_of, wait_unmounted
+
+    users = users_of(mountpoint) if lazy else []
+    if unmount(mountpoint, lazy=lazy):
+        who = f" ({', '.join(users[:5])})" if users else ""
+        note(f"{mountpoint} is busy: detached; the mount ends when the last process using it{who} lets go")
+        return
     if not wait_unmounted(mountpoint):
-        raise VbfsError(f"{mountpoint} is still mounted (busy?)")
+        raise VbfsError(f"{mountpoint} is still mounted")

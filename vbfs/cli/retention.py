@@ -9,13 +9,15 @@ from typing import Any
 
 import click
 
+from vbfs import times
 from vbfs.catalog import Catalog
-from vbfs.cli.main import cli, progress_for, with_repository
+from vbfs.cli.browse import shown_ns
+from vbfs.cli.main import cli, note, progress_for, warn, with_repository
 from vbfs.engine.gc import GcResult, collect, describe
 from vbfs.engine.retention import Decision, Policy, PolicyError, parse_within, prune
 from vbfs.errors import SnapshotNotFound, VbfsError
 from vbfs.store import marks
-from vbfs.store.manifest import Manifest
+from vbfs.store.manifest import Manifest, tag_filter
 from vbfs.store.repository import Repository
 
 WAIT_HELP = (
@@ -41,8 +43,8 @@ def _label(m: Manifest) -> str:
 
 
 def _print_gc(result: GcResult) -> None:
-    for note in result.notes:
-        click.echo(f"vbfs: note: {note}", err=True)
+    for text in result.notes:
+        note(text)
     for line in describe(result):
         click.echo(line)
 
@@ -79,7 +81,7 @@ def forget(repo: Repository, cat: Catalog, specs: tuple[str, ...], run_gc: bool,
     elif result is not None:
         _print_gc(result)
     else:
-        click.echo("their space is freed by the next vbfs gc (or prune)", err=True)
+        note("their space is freed by the next vbfs gc (or prune)")
 
 
 def _row(m: Manifest) -> dict[str, Any]:
@@ -88,7 +90,14 @@ def _row(m: Manifest) -> dict[str, Any]:
 
 def _decision_row(d: Decision) -> dict[str, Any]:
     s = d.snapshot
-    return {"id": s.id, "guest": s.guest, "name": s.name, "reasons": list(d.reasons), "protected": s.protected}
+    return {
+        "id": s.id,
+        "guest": s.guest,
+        "name": s.name,
+        "time": times.json_ns(s.time_ns),
+        "reasons": list(d.reasons),
+        "protected": s.protected,
+    }
 
 
 def _policy_from_options(options: dict[str, Any]) -> Policy:
@@ -98,6 +107,13 @@ def _policy_from_options(options: dict[str, Any]) -> Policy:
 
 @cli.command(name="prune")
 @click.option("--guest", help="Only this guest's snapshots.")
+@click.option(
+    "--tag",
+    "tags",
+    multiple=True,
+    metavar="TAG[,TAG...]",
+    help="Judge only snapshots with these tags (all of a comma-separated list; repeated: any); others stay.",
+)
 @click.option(
     "--job",
     "job_file",
@@ -121,6 +137,7 @@ def prune_command(
     repo: Repository,
     cat: Catalog,
     guest: str | None,
+    tags: tuple[str, ...],
     job_file: Path | None,
     dry_run: bool,
     wait: float,
@@ -139,7 +156,14 @@ def prune_command(
     if policies is not None and not policies:
         raise VbfsError(f"job {job_file}: it names no guest that has snapshots here")
     result = prune(
-        repo, policy, guest=guest, policies=policies, dry_run=dry_run, progress=progress_for(json_out), wait=wait
+        repo,
+        policy,
+        guest=guest,
+        tags=tag_filter(tags),
+        policies=policies,
+        dry_run=dry_run,
+        progress=progress_for(json_out),
+        wait=wait,
     )
     for snap_id in result.removed:
         cat.remove(snap_id)
@@ -159,14 +183,14 @@ def prune_command(
         click.echo(json.dumps(doc, indent=2))
         return
     for line in result.unreadable:
-        click.echo(f"vbfs: warning: {line}", err=True)
+        warn(line)
     verb = "would remove" if dry_run else "removed"
     for d in result.decisions:
         if policies is not None and d.snapshot.guest not in policies:
             continue
         s = d.snapshot
-        what = f"keep    {s.guest}@{s.name} ({s.id[:8]})  {', '.join(d.reasons)}" if d.keep else ""
-        click.echo(what or f"{verb:7} {s.guest}@{s.name} ({s.id[:8]})")
+        label = f"{s.guest}@{s.name} ({s.id[:8]})  {shown_ns(s.time_ns)}"
+        click.echo(f"keep    {label}  {', '.join(d.reasons)}" if d.keep else f"{verb:7} {label}")
     click.echo(f"{len(kept)} kept, {len(removed)} {verb}")
     if result.gc is not None:
         _print_gc(result.gc)

@@ -30,7 +30,7 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
@@ -48,7 +48,16 @@ from vbfs.names import is_plain_name
 from vbfs.names import repository_name as repository_name
 from vbfs.sources import DiskInfo, Extent, GuestSnapshot, Hypervisor
 from vbfs.store.codec import ID_SIZE, ChunkId
-from vbfs.store.manifest import DiskRecord, Manifest, Source, StreamRecord, format_time, snapshot_name
+from vbfs.store.manifest import (
+    DiskRecord,
+    Manifest,
+    Source,
+    StreamRecord,
+    check_note,
+    check_tags,
+    format_time,
+    snapshot_name,
+)
 from vbfs.store.patch import PatchRecord
 from vbfs.store.repository import ZERO_ID, Repository
 from vbfs.store.session import Stored, WriteSession
@@ -280,11 +289,17 @@ class BackupRun:
         progress: Progress | None = None,
         index_files: bool = True,
         filesystems: dict[str, Any] | None = None,
+        tags: Sequence[str] = (),
+        note: str | None = None,
     ):
         self.repo = repo
         self.pm = pm
         self.progress = progress or NoProgress()
         self.index_files = index_files
+        self.tags = check_tags(list(tags))  # the user's labels of the snapshot, checked before any work
+        self.note = None if note is None else check_note(note)
+        self.phases: dict[str, float] = {}
+        """Seconds of each phase of the last run: ``read`` (snapshot and disks), ``index``, ``commit``."""
         self.filesystems = filesystems
 
     def _fresh_name(self, guest: str, when: datetime) -> str:
@@ -426,10 +441,12 @@ class BackupRun:
             stats={k: v for k, v in asdict(stats).items() if k != "notes"},
             notes=stats.notes,
             vbfs_version=__version__,
+            tags=self.tags,
+            note=self.note,
         )
         if self.index_files:
             t0 = time.monotonic()
-            index_ref, _rows, warnings = index_snapshot(self.repo, manifest, session, self.filesystems)
+            index_ref, _rows, warnings = index_snapshot(self.repo, manifest, session, self.filesystems, self.progress)
             manifest = replace(
                 manifest,
                 files_index=index_ref,
@@ -438,7 +455,13 @@ class BackupRun:
             )
         # the name again: another backup may have landed meanwhile
         manifest = replace(manifest, name=self._fresh_name(stored_as, when))
+        t0 = time.monotonic()
         session.commit(manifest)
+        self.phases = {
+            "read": float(manifest.stats["seconds"]),
+            "index": float(manifest.stats.get("index_seconds", 0.0)),
+            "commit": round(time.monotonic() - t0, 3),
+        }
         self.pm.hook.vbfs_snapshot_committed(snapshot=manifest.summary())
         return manifest
 

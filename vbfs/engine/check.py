@@ -147,7 +147,7 @@ def check(
             "prune finishes it"
         )
     if verify_data:
-        progress.begin("verify", len(uses))
+        progress.begin("verifying chunks", len(uses), "chunks")
 
         def verify(cid: ChunkId) -> str | None:
             if cid in broken:  # its base is missing: reported above

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from typing import Any
 
+from vbfs.engine.progress import NoProgress, Progress
 from vbfs.errors import VbfsError
 from vbfs.guestfs.bounds import deadline_cap, index_seconds
 from vbfs.guestfs.filesystems import BUILTIN as BUILTIN_FILESYSTEMS
@@ -104,9 +105,15 @@ def _walk_volume(
 
 
 def walk_guest_files(
-    repo: Repository, manifest: Manifest, cache: ChunkCache, filesystems: dict[str, Any] | None = None
+    repo: Repository,
+    manifest: Manifest,
+    cache: ChunkCache,
+    filesystems: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[list[Row], list[str]]:
-    """Rows for every guest file of the snapshot, and a warning for each volume that could not be read whole."""
+    """Rows for every guest file of the snapshot, and a warning for each volume that could not be read whole;
+    ``progress`` counts the files as they are found."""
+    progress = progress or NoProgress()
     readers = filesystems or BUILTIN_FILESYSTEMS
     rows: list[Row] = []
     warnings: list[str] = []
@@ -139,6 +146,8 @@ def walk_guest_files(
             try:
                 for row in _walk_volume(open_fs, vol.name, prefix, deadline, seconds, skipped):
                     rows.append(row)
+                    if not len(rows) % 256:
+                        progress.advance(256)
             except VbfsError as exc:
                 warnings.append(f"{prefix}: index incomplete ({exc})")
             for fs in opened:
@@ -155,10 +164,16 @@ def index_snapshot(
     manifest: Manifest,
     session: WriteSession,
     filesystems: dict[str, Any] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[StreamRecord, list[Row], list[str]]:
     """Walk, store (through ``session``) and describe the index of a snapshot whose chunks are all stored;
     (ref, rows, warnings)."""
     cache = ChunkCache(repo.get_chunk, 32 * 1024 * 1024)
-    rows, warnings = walk_guest_files(repo, manifest, cache, filesystems)
+    progress = progress or NoProgress()
+    progress.begin(f"{manifest.guest}: indexing guest files", 0, "files")
+    try:
+        rows, warnings = walk_guest_files(repo, manifest, cache, filesystems, progress)
+    finally:
+        progress.end()
     ref, _stored = session.put_bytes(encode_rows(rows))
     return replace(ref, entries=len(rows)), rows, warnings

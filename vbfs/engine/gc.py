@@ -81,7 +81,7 @@ class _Marker:
 
     def mark(self, snap_ids: list[str], progress: Progress, label: str) -> IdSet:
         builder = IdSetBuilder()
-        progress.begin(label, len(snap_ids))
+        progress.begin(label, len(snap_ids), "snapshots")
         for snap_id in snap_ids:
             try:
                 manifest = self.repo.load_manifest(snap_id)
@@ -229,7 +229,7 @@ def _sweep(
     with suppress(OSError):
         cache_path(repo).unlink()
     failpoint("gc-index-replaced")
-    progress.begin("deleting", len(cands) + len(pcands))
+    progress.begin("deleting unreferenced objects", len(cands) + len(pcands), "objects")
     for ids, sizes, to_name in ((cands, csizes, chunk_object_name), (pcands, psizes, patch_object_name)):
         for i, cid in enumerate(ids):
             if i % 4096 == 0:

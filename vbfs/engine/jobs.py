@@ -40,7 +40,11 @@ class JobRunner:
     filesystems: dict[str, Any] | None = None
     index_files: bool = True
     progress: Callable[[], Progress] = NoProgress
-    on_done: Callable[[Manifest], None] | None = None
+    tags: tuple[str, ...] = ()
+    """Tags of every snapshot, with the job's own ``tags`` after them."""
+    note: str | None = None
+    on_done: Callable[[Manifest, dict[str, float]], None] | None = None
+    """Told of each snapshot that landed, with the seconds of its phases (read, index, commit)."""
     on_failed: Callable[[str, VbfsError], None] | None = None
 
     def run(
@@ -59,8 +63,15 @@ class JobRunner:
                 raise SourceError(f"{source} names no guest: give --guest")
             names = [name]
         for name in names:
+            tags = tuple(dict.fromkeys([*self.tags, *(job.tags if job is not None else [])]))
             run = BackupRun(
-                self.repo, self.pm, self.progress(), index_files=self.index_files, filesystems=self.filesystems
+                self.repo,
+                self.pm,
+                self.progress(),
+                index_files=self.index_files,
+                filesystems=self.filesystems,
+                tags=tags,
+                note=self.note,
             )
             try:
                 manifest = run.run(hv, name, source)
@@ -73,5 +84,5 @@ class JobRunner:
                 continue
             result.manifests.append(manifest)
             if self.on_done is not None:
-                self.on_done(manifest)
+                self.on_done(manifest, run.phases)
         return result

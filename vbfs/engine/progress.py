@@ -1,4 +1,9 @@
-"""The progress interface that long operations report to (a terminal bar in the CLI, nothing elsewhere)."""
+"""The progress interface that long operations report to (a terminal bar in the CLI, nothing elsewhere).
+
+A phase is begun with its label, its total and the unit it counts in: ``"bytes"`` (shown as sizes and a rate) or
+a plural noun (``"files"``, ``"chunks"``, ``"snapshots"``, ``"objects"``) shown as counts. A total of 0 means
+"unknown": the bar then counts without an end.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Protocol
 
 
 class Progress(Protocol):
-    def begin(self, label: str, total: int) -> None: ...
+    def begin(self, label: str, total: int, unit: str = "bytes") -> None: ...
 
     def advance(self, n: int) -> None: ...
 
@@ -14,7 +19,7 @@ class Progress(Protocol):
 
 
 class NoProgress:
-    def begin(self, label: str, total: int) -> None:
+    def begin(self, label: str, total: int, unit: str = "bytes") -> None:
         pass
 
     def advance(self, n: int) -> None:

@@ -18,7 +18,7 @@ rule keeps nothing, so it is refused rather than applied.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import datetime, tzinfo
 from typing import TYPE_CHECKING, Any
@@ -192,8 +192,6 @@ def local_zone() -> tzinfo | None:
     return datetime.now().astimezone().tzinfo
 
 
-
-
 # ---- applying a policy --------------------------------------------------------------------------------------------
 
 
@@ -207,11 +205,14 @@ class PruneResult:
     gc: GcResult | None = None
 
 
-def candidates(repo: Repository, guest: str | None = None) -> tuple[list[Candidate], list[str]]:
-    """Every snapshot of the repository (of ``guest`` only, if given) as retention sees it, read from the
-    manifests themselves (the catalog is only a cache); and one line per manifest that cannot be read."""
+def candidates(
+    repo: Repository, guest: str | None = None, tags: Sequence[frozenset[str]] = ()
+) -> tuple[list[Candidate], list[str]]:
+    """Every snapshot of the repository (of ``guest`` only, and passing the tag filter ``tags`` of
+    :func:`vbfs.store.manifest.tag_filter`, if given) as retention sees it, read from the manifests themselves (the
+    catalog is only a cache); and one line per manifest that cannot be read."""
     from vbfs.store import marks
-    from vbfs.store.manifest import time_ns
+    from vbfs.store.manifest import tags_match, time_ns
 
     protected = marks.protected_ids(repo)
     out, unreadable = [], []
@@ -221,7 +222,7 @@ def candidates(repo: Repository, guest: str | None = None) -> tuple[list[Candida
         except VbfsError as exc:
             unreadable.append(f"snapshot {snap_id[:40]} is kept: its manifest cannot be read ({exc})")
             continue
-        if guest is None or m.guest == guest:
+        if (guest is None or m.guest == guest) and tags_match(m.tags, tags):
             out.append(Candidate(m.id, m.guest, m.name, time_ns(m.time), m.id in protected))
     return out, unreadable
 
@@ -231,6 +232,7 @@ def prune(
     policy: Policy,
     *,
     guest: str | None = None,
+    tags: Sequence[frozenset[str]] = (),
     policies: dict[str, Policy] | None = None,
     dry_run: bool = False,
     tz: tzinfo | None = None,
@@ -238,7 +240,8 @@ def prune(
     wait: float = 0.0,
 ) -> PruneResult:
     """Forget what ``policy`` does not keep, then collect garbage. With ``policies`` (a job file's), only the
-    guests it names are judged, each by its own entry.
+    guests it names are judged, each by its own entry; with ``tags``, only the snapshots that pass that filter
+    (the others are neither counted nor touched, as with restic's ``forget --tag``).
 
     The caller holds the gc lock. Forgetting writes a forget record before it deletes a manifest
     (:mod:`vbfs.store.marks`), so an interrupted prune is finished by the next ``gc`` or ``prune``."""
@@ -246,7 +249,7 @@ def prune(
     from vbfs.failpoints import failpoint
     from vbfs.store import marks
 
-    snaps, unreadable = candidates(repo, guest)
+    snaps, unreadable = candidates(repo, guest, tags)
     decisions: list[Decision] = []
     by_guest: dict[str, list[Candidate]] = {}
     for s in snaps:

@@ -149,7 +149,8 @@ class RepositoryLock:
                 who = found[0]
                 raise LockError(
                     f"the repository is locked ({who['kind']} lock held by pid {who['pid']} on "
-                    f"{who['host'][:64]}); try again when that operation has finished"
+                    f"{who['host'][:64]}); try again when that operation has finished (--lock-wait SECONDS waits; "
+                    "vbfs break-lock removes a lock whose process is gone on another machine)"
                 )
             time.sleep(min(1.0, max(0.05, deadline - time.monotonic())))
         self._refreshed = time.monotonic()
@@ -211,3 +212,45 @@ def locked(
         yield lock
     finally:
         lock.release()
+
+
+def describe_locks(backend: Backend) -> list[dict[str, Any]]:
+    """Every lock object: its name, kind, host, pid, age in seconds and ``state``: ``running`` (a live process on
+    this host), ``gone`` (no such process on this host), ``stale`` (not refreshed for ``STALE_AFTER``),
+    ``elsewhere`` (another host's, refreshed lately: this host cannot tell whether it still runs) or ``damaged``."""
+    out: list[dict[str, Any]] = []
+    for name in backend.list("locks/"):
+        try:
+            raw = backend.get(name)
+        except ObjectMissing:
+            continue
+        info = parse_lock(raw)
+        if info is None:
+            out.append({"name": name, "state": "damaged"})
+            continue
+        same_host = info["hostid"] == host_id() if info.get("hostid") else info["host"] == socket.gethostname()
+        age = max(0.0, time.time() - float(info["time"]))
+        if same_host:
+            state = "running" if process_alive(info["pid"]) else "gone"
+        else:
+            state = "stale" if age > STALE_AFTER else "elsewhere"
+        out.append(
+            {"name": name, "kind": info["kind"], "host": info["host"], "pid": info["pid"], "age": age, "state": state}
+        )
+    return out
+
+
+def break_locks(backend: Backend, include_running: bool = False) -> list[dict[str, Any]]:
+    """Remove the lock objects of other processes (those of live processes on this host only with
+    ``include_running``); the locks removed, as :func:`describe_locks` gives them. A holder whose lock is removed
+    stops at its next check (:class:`LockLost`)."""
+    removed = []
+    for lock in describe_locks(backend):
+        if lock["state"] == "running" and (not include_running or lock["pid"] == os.getpid()):
+            continue
+        with suppress(ObjectMissing):
+            backend.delete(lock["name"])
+        removed.append(lock)
+    if removed:
+        backend.flush()
+    return removed

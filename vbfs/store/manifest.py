@@ -12,6 +12,12 @@ missing key, a string where a number belongs or a number SQLite cannot hold; any
 stream chunks and the bases of patch records. Items to come (application items, group membership) are new
 optional fields here, read by older code as absent.
 
+The user's labels of a snapshot are such optional fields: ``tags`` (``backup --tag``, a job's ``tags``) and
+``note`` (``backup --note``), written only when given. :func:`check_tags` and :func:`check_note` are the rules for
+both, applied to what a user types and to what a manifest holds (a manifest that breaks them is refused like any
+other bad field), so no listing ever meets a tag that cannot be typed back or a note with control characters.
+``notes`` (plural) are vbfs's own remarks on the backup, not the user's.
+
 The snapshot's times and names are formatted here too: ``time`` and ``finished`` are ISO 8601 UTC with
 microseconds (they sort as text), ``name`` is the UTC start time without colons.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import re
 import struct
+import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -45,18 +52,6 @@ _HEX32 = re.compile(r"[0-9a-f]{32}")
 # ---- times and names -----------------------------------------------------------------------------------------
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"
-_USER_TIME_FORMATS = (
-    TIME_FORMAT,
-    "%Y-%m-%dT%H%M%SZ",
-    "%Y-%m-%dT%H%MZ",
-    "%Y-%m-%dT%H:%M:%SZ",
-    "%Y-%m-%dT%H:%M:%S",
-    "%Y-%m-%dT%H:%MZ",
-    "%Y-%m-%dT%H:%M",
-    "%Y-%m-%d %H:%M:%S",
-    "%Y-%m-%d %H:%M",
-    "%Y-%m-%d",
-)
 
 
 def format_time(t: datetime) -> str:
@@ -75,19 +70,60 @@ def time_ns(iso: str) -> int:
     return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
-def parse_time(text: str) -> datetime | None:
-    """A point in time as users type it (UTC); a bare date means the end of that day."""
-    for fmt in _USER_TIME_FORMATS:
-        try:
-            t = datetime.strptime(text, fmt).replace(tzinfo=UTC)
-        except ValueError:
-            continue
-        if fmt == "%Y-%m-%d":
-            t = t.replace(hour=23, minute=59, second=59)
-        elif "%S" not in fmt:
-            t = t.replace(second=59)
-        return t.replace(microsecond=999999)
-    return None
+# ---- the user's labels: tags and a note -----------------------------------------------------------------------
+
+MAX_TAGS = 32
+MAX_TAG_LENGTH = 64
+MAX_NOTE_LENGTH = 1000
+TAG_RULE = "letters, digits and . _ + - @ : =, not starting with - or ., at most 64 characters"
+_TAG = re.compile(r"[A-Za-z0-9_+@:=][A-Za-z0-9._+@:=-]{0,63}")
+_BIDI = frozenset("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+class LabelError(VbfsError):
+    """A tag or note that breaks the rules of :func:`check_tags` / :func:`check_note`."""
+
+
+def check_tags(tags: Sequence[Any]) -> tuple[str, ...]:
+    """The tags, each checked (see ``TAG_RULE``), at most ``MAX_TAGS``, duplicates refused."""
+    if len(tags) > MAX_TAGS:
+        raise LabelError(f"a snapshot has at most {MAX_TAGS} tags, not {len(tags)}")
+    for tag in tags:
+        if not isinstance(tag, str) or not _TAG.fullmatch(tag):
+            raise LabelError(f"tag {str(tag)[:80]!r} is not usable: a tag has {TAG_RULE}")
+    if len(set(tags)) != len(tags):
+        raise LabelError("a tag is given twice")
+    return tuple(tags)
+
+
+def check_note(note: Any) -> str:
+    """A note: one line of at most ``MAX_NOTE_LENGTH`` characters, no control or direction-changing characters."""
+    if not isinstance(note, str) or not note.strip():
+        raise LabelError("a note is a text that is not empty")
+    if len(note) > MAX_NOTE_LENGTH:
+        raise LabelError(f"a note has at most {MAX_NOTE_LENGTH} characters, not {len(note)}")
+    for c in note:
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") or c in _BIDI:
+            raise LabelError(f"a note is one line of printable text: character U+{ord(c):04X} is not allowed")
+    return note
+
+
+def tag_filter(values: Sequence[str]) -> list[frozenset[str]]:
+    """``--tag`` options as a filter: each value is a comma-separated set of tags that must all be present; a
+    snapshot matches when any value's set is present (as restic's ``--tag a,b --tag c``)."""
+    out = []
+    for value in values:
+        tags = [t for t in value.split(",") if t]
+        check_tags(list(dict.fromkeys(tags)))
+        if not tags:
+            raise LabelError(f"--tag {value!r} names no tag")
+        out.append(frozenset(tags))
+    return out
+
+
+def tags_match(tags: Sequence[str], wanted: Sequence[frozenset[str]]) -> bool:
+    """Does a snapshot with ``tags`` pass the filter ``wanted`` (from :func:`tag_filter`; empty: every one)?"""
+    return not wanted or any(w <= set(tags) for w in wanted)
 
 
 # ---- checks of one field -------------------------------------------------------------------------------------
@@ -307,10 +343,13 @@ class Manifest:
     notes: Sequence[str] = ()
     vbfs_version: str | None = None
     version: int = MANIFEST_VERSION
+    tags: Sequence[str] = ()
+    note: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "disks", tuple(self.disks))
         object.__setattr__(self, "notes", tuple(self.notes))
+        object.__setattr__(self, "tags", tuple(self.tags))
         object.__setattr__(self, "config", dict(sorted(self.config.items())))
 
     @property
@@ -337,6 +376,8 @@ class Manifest:
             "config": sorted(self.config),
             "indexed": self.files_index is not None,
             "stats": dict(self.stats),
+            "tags": list(self.tags),
+            "note": self.note,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -359,6 +400,10 @@ class Manifest:
             doc["files_index"] = self.files_index.to_json()
         if self.vbfs_version is not None:
             doc["vbfs_version"] = self.vbfs_version
+        if self.tags:
+            doc["tags"] = list(self.tags)
+        if self.note is not None:
+            doc["note"] = self.note
         return doc
 
     @classmethod
@@ -416,6 +461,11 @@ class Manifest:
                 raise _Bad(f"stats {str(k)[:40]!r} is not a number in range")
         notes = [_str(note, "a note", 65536) for note in _list(m.get("notes", []), "notes", 100000)]
         vbfs_version = _str(m["vbfs_version"], "vbfs_version", 64) if "vbfs_version" in m else None
+        try:
+            tags = check_tags(_list(m.get("tags", []), "tags", MAX_TAGS))
+            note = check_note(m["note"]) if "note" in m else None
+        except LabelError as exc:
+            raise _Bad(str(exc)) from None
         return cls(
             id=snap_id,
             guest=guest,
@@ -432,6 +482,8 @@ class Manifest:
             notes=notes,
             vbfs_version=vbfs_version,
             version=version,
+            tags=tags,
+            note=note,
         )
 
     # ---- the objects it needs ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from vbfs.errors import (
     RepositoryExists,
     RepositoryNotFound,
     VbfsError,
+    WrongPassphrase,
 )
 from vbfs.failpoints import failpoint
 from vbfs.store.backend import Backend, LocalBackend
@@ -51,7 +52,7 @@ from vbfs.store.config import (
     validate_config,
     verify_seal,
 )
-from vbfs.store.keys import create_key, unlock_key
+from vbfs.store.keys import KEY_FILE, KeyExport, create_key, unlock_key, wrap_key
 from vbfs.store.locks import EXCLUSIVE, GC, SHARED, RepositoryLock, locked
 from vbfs.store.manifest import INDEX_PIECE_ENTRIES, MANIFEST_VERSION, Manifest, StreamRecord
 from vbfs.store.patch import PatchRecord
@@ -158,20 +159,7 @@ class Repository:
 
     @classmethod
     def open(cls, location: str, passphrase: PassphraseProvider) -> Repository:
-        root = local_path(location)
-        if not (root / "config").is_file():
-            if not root.exists():
-                raise RepositoryNotFound(f"no repository at {location} (the path does not exist)")
-            raise RepositoryNotFound(f"no repository at {location} (no config file; create one with vbfs init)")
-        backend = LocalBackend(root)
-        try:
-            config = json.loads(backend.get("config"))
-        except (ValueError, UnicodeDecodeError):
-            raise IntegrityError(f"the repository config at {location} is damaged (not JSON)") from None
-        if not isinstance(config, dict):
-            raise IntegrityError(f"the repository config at {location} is damaged (not a JSON object)")
-        if config.get("format") != REPO_FORMAT:
-            raise IntegrityError(f"{location} is not a vbfs repository (its config is damaged or another program's)")
+        backend, config = _open_config(location)
         has_key = backend.exists("keys/repokey")
         key = None
         # The seal first: a flipped bit is "damaged", whichever field it hit.
@@ -179,7 +167,7 @@ class Repository:
             verify_seal(config, None, location)
         elif "mac" in config:
             if not has_key:
-                raise IntegrityError(f"the repository at {location} is encrypted but its key keys/repokey is missing")
+                raise IntegrityError(_missing_key(location))
             key = unlock_key(backend.get("keys/repokey"), passphrase(False))
             verify_seal(config, key, location)
         config = validate_config(config, location)
@@ -192,9 +180,7 @@ class Repository:
         if config["encryption"] == "repokey":
             if key is None:  # a format 1 config: no MAC
                 if not has_key:
-                    raise IntegrityError(
-                        f"the repository at {location} is encrypted but its key keys/repokey is missing"
-                    )
+                    raise IntegrityError(_missing_key(location))
                 key = unlock_key(backend.get("keys/repokey"), passphrase(False), require_checksum=False)
             records.remember_encrypted(location, config["id"])
             codec = Codec(id_key=key.id_key, enc_key=key.enc_key, zstd_level=config["zstd_level"], object_format=fmt)
@@ -233,9 +219,20 @@ class Repository:
         """A version 1 repository (unencrypted objects without checksums): read, restored from, never written."""
         return int(self.config["version"]) == OLD_REPO_VERSION
 
+    def why_read_only(self) -> str:
+        """Why the repository cannot be written, as the end of a sentence naming it: read-only storage, or no
+        write permission for this user."""
+        if isinstance(self.backend, LocalBackend):
+            try:
+                if not os.statvfs(self.backend.root).f_flag & os.ST_RDONLY:
+                    return f"is not writable by user id {os.geteuid()} (no write permission on {self.backend.root})"
+            except OSError as exc:
+                return f"cannot be reached ({exc.strerror})"
+        return "is on read-only storage"
+
     def require_writable(self) -> None:
         if self.read_only:
-            raise VbfsError(f"the repository at {self.location} is on read-only storage: it can be read, not written")
+            raise VbfsError(f"the repository at {self.location} {self.why_read_only()}: it can be read, not written")
         if self.old_format:
             raise VbfsError(
                 f"the repository at {self.location} has format version 1, which this vbfs reads but does not write "
@@ -297,6 +294,90 @@ class Repository:
             held = list(self._held)
         for lock in held:
             lock.check(ask)
+
+    # ---- the key (encrypted repositories) -------------------------------------------------------------------------
+
+    def key_file(self) -> bytes:
+        """The bytes of ``keys/repokey`` as stored: the master key, still wrapped by the passphrase."""
+        if not self.encrypted:
+            raise VbfsError(f"the repository at {self.location} is not encrypted: it has no key")
+        return self.backend.get(KEY_FILE)
+
+    def change_passphrase(self, old: str, new: str, lock_wait: float = 10.0) -> None:
+        """Wrap the same master key with ``new`` (a fresh salt and nonce) and replace ``keys/repokey`` atomically.
+
+        Holds the gc lock: two changes never run at once, and one that finds the key file no longer opened by
+        ``old`` (another change landed since this one opened the repository) stops without writing. Backups and
+        mounts read the key only when they open the repository and go on meanwhile. The new file is written
+        beside the old one and renamed over it, so a crash leaves either of them, whole; it is read back with
+        ``new`` before this returns. ``lock_wait``: how long to wait for the gc lock.
+        """
+        if not self.encrypted:
+            raise VbfsError(f"the repository at {self.location} is not encrypted: it has no passphrase")
+        self.require_writable()
+        with self.lock(GC, timeout=lock_wait):
+            try:
+                key = unlock_key(self.backend.get(KEY_FILE), old)
+            except WrongPassphrase:
+                raise VbfsError(
+                    "the repository's passphrase was changed by another process meanwhile: nothing was changed"
+                ) from None
+            verify_seal(self.config, key, self.location)
+            self.backend.put(KEY_FILE, wrap_key(key, new))
+            failpoint("after-key-put")
+            self.backend.flush()
+            unlock_key(self.backend.get(KEY_FILE), new)
+
+    @classmethod
+    def import_key(
+        cls, location: str, export: KeyExport, source: str, passphrase: Callable[[], str], lock_wait: float = 10.0
+    ) -> str:
+        """Put the key of ``export`` (read from ``source``) in place as ``keys/repokey``, whatever is there now.
+
+        Refused, in this order and before anything is written: a repository that is not encrypted or has format
+        1 (no config MAC to check a key against), storage that cannot be written, an export of another
+        repository (its id; asked before the passphrase), a damaged export, a wrong passphrase, and a key that
+        does not verify the config's MAC. A key that verifies it is this repository's master key, so replacing a
+        key file that is there only changes which passphrase opens the repository. Written like
+        :meth:`change_passphrase`, under the gc lock. Returns ``"restored"`` (there was no key file),
+        ``"replaced"`` or ``"unchanged"`` (the same bytes were there).
+        """
+        backend, config = _open_config(location)
+        if "checksum" in config or config.get("encryption") == "none":
+            raise VbfsError(f"the repository at {location} is not encrypted: it has no key to import")
+        if "mac" not in config:
+            raise VbfsError(
+                f"the repository at {location} has format version 1 (its config has no MAC to check a key "
+                "against): vbfs does not import keys into it"
+            )
+        if not backend.writable():
+            raise VbfsError(f"the repository at {location} is on read-only storage: it can be read, not written")
+        if export.repository_id != config.get("id"):
+            raise VbfsError(
+                f"{source} holds the key of repository {export.repository_id}, not of the repository at {location} "
+                f"({str(config.get('id'))[:32]}): refusing to import it"
+            )
+        key = unlock_key(export.keyfile, passphrase(), what=f"the key in {source}", hint="")
+        try:
+            verify_seal(config, key, location)
+        except IntegrityError:
+            raise VbfsError(
+                f"the key in {source} does not verify the config of {location} (its MAC does not match): it is "
+                "not this repository's key, or the config was changed; refusing to import it"
+            ) from None
+        config = validate_config(config, location)
+        codec = Codec(id_key=key.id_key, enc_key=key.enc_key, zstd_level=config["zstd_level"])
+        repo = cls(backend, config, codec, location)
+        with repo.lock(GC, timeout=lock_wait):
+            try:
+                before: bytes | None = backend.get(KEY_FILE)
+            except ObjectMissing:
+                before = None
+            if before == export.keyfile:
+                return "unchanged"
+            backend.put(KEY_FILE, export.keyfile)
+            backend.flush()
+        return "restored" if before is None else "replaced"
 
     # ---- chunks -------------------------------------------------------------------------------------------------
 
@@ -407,6 +488,26 @@ class Repository:
         self.backend.flush()
 
 
+def _open_config(location: str) -> tuple[LocalBackend, dict[str, Any]]:
+    """The backend of the repository at ``location`` and its config as JSON, if it is a vbfs repository's (its
+    fields are checked by the caller, after its seal)."""
+    root = local_path(location)
+    if not (root / "config").is_file():
+        if not root.exists():
+            raise RepositoryNotFound(f"no repository at {location} (the path does not exist)")
+        raise RepositoryNotFound(f"no repository at {location} (no config file; create one with vbfs init)")
+    backend = LocalBackend(root)
+    try:
+        config = json.loads(backend.get("config"))
+    except (ValueError, UnicodeDecodeError):
+        raise IntegrityError(f"the repository config at {location} is damaged (not JSON)") from None
+    if not isinstance(config, dict):
+        raise IntegrityError(f"the repository config at {location} is damaged (not a JSON object)")
+    if config.get("format") != REPO_FORMAT:
+        raise IntegrityError(f"{location} is not a vbfs repository (its config is damaged or another program's)")
+    return backend, config
+
+
 def local_path(location: str) -> Path:
     """The folder of a repository location; an address with a scheme (``ssh://``, ``s3://``) is refused in one
     line rather than taken for a local folder named ``ssh:``."""
@@ -417,6 +518,13 @@ def local_path(location: str) -> Path:
             "mounted network filesystem) as a path"
         )
     return Path(location)
+
+
+def _missing_key(location: str) -> str:
+    return (
+        f"the repository at {location} is encrypted but its key {KEY_FILE} is missing: restore it from an export "
+        "with vbfs key import"
+    )
 
 
 def _refuse_encrypted_objects(backend: Backend, location: str) -> None:
