@@ -11,11 +11,12 @@ filesystem can hold (:meth:`GuestFS._bound`).
 
 from __future__ import annotations
 
+import io
 import os
 import stat
 import struct
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 
 from vbfs.guestfs.bounds import FILE_SIZE_MAX
 from vbfs.guestfs.model import GuestEntry, GuestFS, runs_to_extents
@@ -74,6 +75,74 @@ def parse_ext_directory(data: bytes, block_size: int, inodes_count: int) -> list
     return out
 
 
+EXT_INLINE_HEAD = 60  # bytes of inline data kept in i_block; the rest is the value of the "system.data" xattr
+_EXT_XATTR_MAGIC = 0xEA020000
+_EXT_XATTR_ENTRY = struct.Struct("<BBHIII")  # e_name_len e_name_index e_value_offs e_value_inum e_value_size e_hash
+_EXT_XATTR_SYSTEM = 7  # the "system." name index
+
+
+def ext_inline_data(raw: bytes) -> tuple[bytes, bytes, str]:
+    """The inline data of an ext4 inode (its bytes as the inode table has them): (the 60 bytes of i_block, the
+    value of its in-inode "system.data" attribute, why that value could not be read or "").
+
+    Every offset and length of the attribute area is checked against the inode: a damaged one gives an empty
+    value and a reason, never a read outside the inode.
+    """
+    head = raw[40 : 40 + EXT_INLINE_HEAD]
+    if len(raw) < 132:
+        return head, b"", "the inode has no room for attributes"
+    (extra_isize,) = struct.unpack_from("<H", raw, 128)
+    start = 128 + extra_isize
+    if extra_isize % 4 or start + 4 > len(raw):
+        return head, b"", f"bad extra inode size {extra_isize}"
+    if struct.unpack_from("<I", raw, start)[0] != _EXT_XATTR_MAGIC:
+        return head, b"", "no system.data attribute"
+    first = start + 4  # value offsets count from the first entry
+    off = first
+    while off + 4 <= len(raw) and raw[off : off + 4] != b"\0\0\0\0":
+        if off + _EXT_XATTR_ENTRY.size > len(raw):
+            return head, b"", f"attribute entry at {off - first} crosses the end of the inode"
+        name_len, index, value_offs, value_inum, value_size, _hash = _EXT_XATTR_ENTRY.unpack_from(raw, off)
+        name_end = off + _EXT_XATTR_ENTRY.size + name_len
+        if name_end > len(raw):
+            return head, b"", f"attribute name at {off - first} crosses the end of the inode"
+        if index == _EXT_XATTR_SYSTEM and raw[off + _EXT_XATTR_ENTRY.size : name_end] == b"data":
+            if value_inum:
+                return head, b"", "the system.data value is kept in another inode"
+            if value_size and (first + value_offs < name_end or first + value_offs + value_size > len(raw)):
+                return head, b"", f"system.data value of {value_size} bytes at {value_offs} lies outside the inode"
+            return head, raw[first + value_offs : first + value_offs + value_size], ""
+        off = (name_end + 3) & ~3
+    return head, b"", "no system.data attribute"
+
+
+def ext_time_ns(seconds: int, extra: int | None) -> int:
+    """An ext2/3/4 time in nanoseconds, as the kernel's ext4_decode_extra_time reads it.
+
+    ``seconds`` is the 32-bit field (signed: times before 1970 are negative); ``extra`` the matching ``*_extra``
+    field (``None`` where the inode has none): its low 2 bits extend the seconds past 2038 (bits 32 and 33 added
+    to the signed value), its upper 30 bits are the nanoseconds.
+    """
+    seconds = (seconds & 0xFFFFFFFF) - ((seconds & 0x80000000) << 1)
+    if extra is None:
+        return seconds * 1_000_000_000
+    return (seconds + ((extra & 3) << 32)) * 1_000_000_000 + ((extra & 0xFFFFFFFF) >> 2)
+
+
+def _ext_times(raw: bytes) -> tuple[int, int, int]:
+    """(mtime, atime, ctime) in nanoseconds of an ext inode's bytes; an ``*_extra`` field counts only where the
+    inode's extra size covers it."""
+    mtime, atime, ctime = struct.unpack_from("<I", raw, 16)[0], *struct.unpack_from("<II", raw, 8)
+    extra_isize = struct.unpack_from("<H", raw, 128)[0] if len(raw) >= 130 else 0
+
+    def extra(at: int) -> int | None:
+        if extra_isize >= at + 4 - 128 and len(raw) >= at + 4:
+            return int(struct.unpack_from("<I", raw, at)[0])
+        return None
+
+    return ext_time_ns(mtime, extra(136)), ext_time_ns(atime, extra(140)), ext_time_ns(ctime, extra(132))
+
+
 def _ts(value: Any) -> int:
     return int(value) if isinstance(value, int) else 0
 
@@ -111,24 +180,54 @@ class ExtGuestFS(GuestFS):
             self.max_file_size = min(FILE_SIZE_MAX, (1 << 32) * int(self.fs.block_size))
 
     def _entry(self, node: Any, name: str) -> GuestEntry:
-        fast = self._fast_entry(int(node.inum), name)
-        if fast is not None:
-            if fast.is_symlink:
-                fast.target, fast.damage = self._link_target(fast.size, lambda: str(node.link))
-            self._check_block_map(node, fast)
-            return fast
-        ino = node.inode
-        entry = _inode_entry(
-            self,
-            node,
-            name,
-            mode=int(ino.i_mode),
-            uid=int(ino.i_uid) | (int(ino.i_uid_high) << 16),
-            gid=int(ino.i_gid) | (int(ino.i_gid_high) << 16),
-            nlink=int(ino.i_links_count),
-        )
+        inum = int(node.inum)
+        raw = self._inode_bytes(inum)
+        entry = self._fast_entry(inum, name, raw) if raw is not None else None
+        if entry is not None and raw is not None:
+            inline = self._inline(raw)
+            if entry.is_symlink and not inline:
+                entry.target, entry.damage = self._link_target(entry.size, lambda: str(node.link))
+        else:
+            ino = node.inode
+            raw = bytes(ino.dumps())
+            inline = self._inline(raw)
+            entry = _inode_entry(
+                self,
+                node,
+                name,
+                mode=int(ino.i_mode),
+                uid=int(ino.i_uid) | (int(ino.i_uid_high) << 16),
+                gid=int(ino.i_gid) | (int(ino.i_gid_high) << 16),
+                nlink=int(ino.i_links_count),
+            )
+            entry.mtime_ns, entry.atime_ns, entry.ctime_ns = _ext_times(raw)  # (dissect reads them unsigned)
+        if inline and (entry.is_file or entry.is_symlink):
+            self._check_inline(entry, raw)
         self._check_block_map(node, entry)
         return entry
+
+    @staticmethod
+    def _inline(raw: bytes) -> bool:
+        """Whether an inode (its bytes) keeps its data inside itself (EXT4_INLINE_DATA_FL)."""
+        return bool(struct.unpack_from("<I", raw, 32)[0] & EXT4_INLINE_DATA_FL)
+
+    def _raw(self, inum: int) -> bytes:
+        raw = self._inode_bytes(inum)
+        return raw if raw is not None else bytes(self.fs.get_inode(inum).inode.dumps())
+
+    def _check_inline(self, entry: GuestEntry, raw: bytes) -> None:
+        """A file or symlink kept inside its inode: its size must be what the inode holds (60 bytes in i_block,
+        the rest in the "system.data" attribute); a symlink's target is read from there."""
+        head, rest, why = ext_inline_data(raw)
+        data = head + rest
+        if entry.size > len(data):
+            entry.damage = f"size {entry.size} is more than the {len(data)} bytes of inline data"
+            entry.damage += f" ({why})" if why else ""
+            entry.target = None
+            self.note(f"{entry.name} (inode {entry.ino}): {entry.damage}")
+        elif entry.is_symlink:
+            target = data[: entry.size]
+            entry.target, entry.damage = self._link_target(entry.size, lambda: target.decode(errors="surrogateescape"))
 
     def _check_block_map(self, node: Any, entry: GuestEntry) -> None:
         """A file mapped by block lists (not extents) is read through a list of all its blocks: beyond the
@@ -140,13 +239,9 @@ class ExtGuestFS(GuestFS):
             if not flags & (c_ext.EXT4_EXTENTS_FL | EXT4_INLINE_DATA_FL):
                 entry.damage = f"size {entry.size} (block-mapped) is more than the volume holds"
 
-    def _fast_entry(self, inum: int, name: str) -> GuestEntry | None:
-        """The fields of an inode that the tree shows, unpacked straight from its bytes.
-
-        Parsing the whole inode structure is most of the cost of listing a large folder; this reads only what is
-        shown. It gives the same values as dissect's parser (a test compares the two on every inode of the test
-        images) and returns ``None`` where it cannot tell, so that the parser is used instead.
-        """
+    def _inode_bytes(self, inum: int) -> bytes | None:
+        """Inode ``inum`` as the inode table has it (at most one block of it); ``None`` where the geometry cannot
+        be told, so that dissect's parser is used instead."""
         fs = self.fs
         try:
             per_group = int(fs.sb.s_inodes_per_group)
@@ -159,19 +254,27 @@ class ExtGuestFS(GuestFS):
         except (AttributeError, ZeroDivisionError):
             return None
         fs.fh.seek(table * int(fs.block_size) + index * inode_size)
-        raw = fs.fh.read(min(inode_size, 160))
+        raw = bytes(fs.fh.read(min(inode_size, int(fs.block_size))))
         if len(raw) < 128:
             raise ValueError(f"inode {inum} lies beyond the end of the volume")
-        mode, uid, size_lo, atime, ctime, mtime, _dtime, gid, nlink = _EXT_INODE.unpack_from(raw, 0)
+        return raw
+
+    def _fast_entry(self, inum: int, name: str, raw: bytes | None = None) -> GuestEntry | None:
+        """The fields of an inode that the tree shows, unpacked straight from its bytes (``raw``, or read).
+
+        Parsing the whole inode structure is most of the cost of listing a large folder; this reads only what is
+        shown. It gives the same values as dissect's parser (a test compares the two on every inode of the test
+        images), except for times before 1970 and after 2038, which dissect reads unsigned, and returns ``None``
+        where it cannot tell, so that the parser is used instead.
+        """
+        if raw is None:
+            raw = self._inode_bytes(inum)
+            if raw is None:
+                return None
+        mode, uid, size_lo, _atime, _ctime, _mtime, _dtime, gid, nlink = _EXT_INODE.unpack_from(raw, 0)
         (size_hi,) = struct.unpack_from("<I", raw, 108)
         uid_hi, gid_hi = struct.unpack_from("<HH", raw, 120)
-        extra_isize = struct.unpack_from("<H", raw, 128)[0] if inode_size > 128 and len(raw) >= 130 else 0
-
-        def ns(seconds: int, extra_at: int) -> int:
-            extra = 0
-            if inode_size > 128 and extra_isize >= extra_at + 4 - 128 and len(raw) >= extra_at + 4:
-                extra = struct.unpack_from("<I", raw, extra_at)[0]
-            return ((seconds | (extra & 3) << 32) * 1_000_000_000) + (extra >> 2)
+        mtime_ns, atime_ns, ctime_ns = _ext_times(raw)
 
         rdev = 0
         if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):  # the device number is kept in i_block
@@ -189,9 +292,9 @@ class ExtGuestFS(GuestFS):
             uid=uid | uid_hi << 16,
             gid=gid | gid_hi << 16,
             nlink=nlink,
-            mtime_ns=ns(mtime, 136),
-            atime_ns=ns(atime, 140),
-            ctime_ns=ns(ctime, 132),
+            mtime_ns=mtime_ns,
+            atime_ns=atime_ns,
+            ctime_ns=ctime_ns,
             rdev=rdev,
         )
 
@@ -203,8 +306,10 @@ class ExtGuestFS(GuestFS):
 
     def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
         node = self._resolve(entry)
-        if int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:  # small folders kept inside the inode: dissect's walk
-            yield from (self._entry(n, n.filename) for n in node.iterdir() if n.filename not in (".", ".."))
+        raw = self._raw(entry.ino)
+        if self._inline(raw):  # a small folder kept inside its inode
+            for ino, name in self._inline_folder(entry, raw):
+                yield self._entry(self.fs.get_inode(ino), name.decode(errors="surrogateescape"))
             return
         size = (int(node.inode.i_size_high) << 32) | int(node.inode.i_size_lo)
         if size > self.folder_limit:  # (checked on the entry too; the root has no entry that was checked)
@@ -218,10 +323,37 @@ class ExtGuestFS(GuestFS):
                     continue
                 yield self._entry(self.fs.get_inode(ino), name.decode(errors="surrogateescape"))
 
+    def _inline_folder(self, entry: GuestEntry, raw: bytes) -> list[tuple[int, bytes]]:
+        """The (inode, name) entries of a folder kept inside its inode: i_block holds the parent's inode number
+        (4 bytes) and then entries, the "system.data" attribute the entries that did not fit.
+
+        Damage in i_block is an error (nothing of the folder can be trusted); damage of the attribute is a note,
+        and the entries of i_block are still listed."""
+        inodes = int(self.fs.sb.s_inodes_count)
+        head, rest, why = ext_inline_data(raw)
+        if len(head) < EXT_INLINE_HEAD:
+            raise ValueError("the inline folder is cut short")
+        found = parse_ext_directory(head[4:], EXT_INLINE_HEAD - 4, inodes)
+        if why and entry.size > EXT_INLINE_HEAD:
+            self.note(f"folder {entry.name or '/'} (inode {entry.ino}): only its first entries are shown ({why})")
+        elif rest:
+            try:
+                found += parse_ext_directory(rest, len(rest), inodes)
+            except ValueError as exc:
+                self.note(f"folder {entry.name or '/'} (inode {entry.ino}): only its first entries are shown ({exc})")
+        return [(ino, name) for ino, name in found if name not in (b".", b"..")]
+
+    def _open(self, entry: GuestEntry) -> BinaryIO:
+        raw = self._raw(entry.ino)
+        if self._inline(raw):  # (its size was checked against what the inode holds when it was listed)
+            head, rest, _why = ext_inline_data(raw)
+            return io.BytesIO((head + rest)[: entry.size])
+        return super()._open(entry)
+
     def _data_extents(self, entry: GuestEntry) -> list[tuple[int, int]] | None:
-        node = self._resolve(entry)
-        if int(node.inode.i_flags) & EXT4_INLINE_DATA_FL:
+        if self._inline(self._raw(entry.ino)):
             return None
+        node = self._resolve(entry)
         return runs_to_extents(node.dataruns(), int(self.fs.block_size), entry.size)
 
 
@@ -379,7 +511,7 @@ class NtfsGuestFS(GuestFS):
             self.fs = NTFS(fh)
 
     def _entry(self, record: Any, name: str) -> GuestEntry:
-        from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+        from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE, FILE_NAME_DOS
 
         is_dir = record.is_dir()
         times = record.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]
@@ -401,13 +533,15 @@ class NtfsGuestFS(GuestFS):
         else:
             mode = stat.S_IFREG | 0o644
             size = int(record.size()) if record.has_stream("") else 0
-        names = {n for n in record.filenames(ignore_dos=True)}
+        # Each hard link has its own $FILE_NAME (the same name in two folders is two links). DOS-only 8.3 aliases
+        # of long names are not counted: they are no links of their own (a name valid in both is one attribute).
+        links = sum(1 for fn in record.attributes[ATTRIBUTE_TYPE_CODE.FILE_NAME] if fn.flags != FILE_NAME_DOS)
         return GuestEntry(
             name=name,
             ino=int(record.segment),
             mode=mode,
             size=size,
-            nlink=max(1, len(names)) if not is_dir else 2,
+            nlink=max(1, links) if not is_dir else 2,
             mtime_ns=mtime_ns,
             atime_ns=atime_ns,
             ctime_ns=ctime_ns,
@@ -461,6 +595,21 @@ class BtrfsGuestFS(GuestFS):
 
     def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
         return (self._entry(n, name) for name, n in entry.handle.iterdir() if name not in (".", ".."))
+
+    def _open(self, entry: GuestEntry) -> Any:
+        # zlib and LZO extents need nothing beyond dissect; zstd needs compression.zstd (Python 3.14) or its
+        # backport, a dependency of vbfs. Without it such a file is unsupported, not damaged.
+        from dissect.btrfs import stream
+        from dissect.btrfs.c_btrfs import c_btrfs
+
+        from vbfs.guestfs.model import GuestDataError
+
+        node = entry.handle
+        if not stream.HAS_ZSTD and any(e.compression == c_btrfs.BTRFS_COMPRESS_ZSTD for e in node.extents()):
+            raise GuestDataError(
+                f"{self.label}: file {entry.name}: not supported: zstd-compressed extent (backports.zstd is missing)"
+            )
+        return node.open()
 
 
 BUILTIN = {"ext": ExtGuestFS, "xfs": XfsGuestFS, "fat": FatGuestFS, "ntfs": NtfsGuestFS, "btrfs": BtrfsGuestFS}
