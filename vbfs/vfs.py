@@ -422,12 +422,25 @@ class SnapshotTree:
     def open_fs(self, disk: str, vol: Volume) -> GuestFS:
         return open_volume(self.filesystems, vol, self.label(disk, vol.name))
 
+    def _describe(self, disk: str, vol: Volume) -> dict[str, object]:
+        """A volume in vm.json, with what its filesystem says of itself (Btrfs: its default subvolume)."""
+        out = vol.describe()
+        cls = self.filesystems.get(vol.fstype) if vol.fstype is not None else None
+        notes_of = getattr(cls, "volume_notes", None)
+        if notes_of is not None:
+            try:
+                extra = notes_of(vol.reader.sub(0, vol.size), self.label(disk, vol.name))
+            except VbfsError as exc:
+                extra = [str(exc)]
+            out["note"] = "; ".join(n for n in (vol.note, *extra) if n)
+        return out
+
     def vm_json(self) -> bytes:
         m = self.manifest
         volumes: dict[str, Any] = {}
         for d in m.disks:
             try:
-                volumes[d.name] = [v.describe() for v in self.volumes(d.name)]
+                volumes[d.name] = [self._describe(d.name, v) for v in self.volumes(d.name)]
             except VbfsError as exc:
                 volumes[d.name] = {"error": str(exc)}
         doc = {

@@ -499,9 +499,28 @@ class FatGuestFS(GuestFS):
 
 class NtfsGuestFS(GuestFS):
     """NTFS: names in their long (Win32) form; modes are 0755 for folders and 0644 for files, owned by root.
-    Symbolic links and junctions are shown as symlinks to their substitute name."""
+
+    Symbolic links and junctions (reparse points) are shown as symlinks. vbfs does not know which drive letter
+    the guest gave the volume, so a target is inside the volume when it is found there:
+
+    - an absolute target (``\\??\\X:\\path``, ``X:\\path``; any letter) whose every component is found in this
+      volume, from its root, is shown as a relative link from the link's own folder, with the names as the
+      volume spells them (Windows compares names without case; the mount does not);
+    - a relative symbolic link that stays below the volume's root is shown relative too (components not found
+      are kept as written: the link dangles inside the volume);
+    - any other target (another volume, a UNC share, ``\\??\\Volume{...}``, a relative one that climbs above the
+      root, an absolute one not found) is shown as the guest's Windows text with every ``/`` made ``\\``: one
+      file name on Linux, which resolves to nothing, neither on the host nor elsewhere in the mount.
+
+    Reparse data is the guest's: every length and offset is checked; a damaged buffer is a note, and its entry
+    is shown as an empty file.
+    """
 
     fstype = "ntfs"
+    REPARSE_MAX = 16 * 1024  # the largest reparse buffer Windows writes (MAXIMUM_REPARSE_DATA_BUFFER_SIZE)
+    TAG_MOUNT_POINT, TAG_SYMLINK = 0xA0000003, 0xA000000C
+    ROOT = 5  # the root folder's MFT record
+    PARTS_MAX = 1024  # components of a target that are looked up
 
     def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
@@ -509,12 +528,159 @@ class NtfsGuestFS(GuestFS):
 
         with self._guard("boot sector"):
             self.fs = NTFS(fh)
+        # folder record → its guest path below the volume (folders only: a link's target is computed from them)
+        self._places: dict[int, tuple[str, ...]] = {self.ROOT: ()}
 
-    def _entry(self, record: Any, name: str) -> GuestEntry:
+    @staticmethod
+    def _attributes(record: Any) -> Any:
+        """The record's attributes; one whose parse fails (a reparse buffer too short for dissect) is kept
+        unparsed instead of failing the whole record."""
+        try:
+            return record.attributes
+        except Exception:
+            from io import BytesIO
+
+            from dissect.ntfs.attr import Attribute, AttributeHeader
+            from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE
+            from dissect.ntfs.util import AttributeMap
+
+            fh, offset, attrs = BytesIO(record.data), record.header.FirstAttributeOffset, AttributeMap()
+            while offset < len(record.data):
+                try:
+                    header = AttributeHeader(fh, offset, record)
+                except EOFError:
+                    break
+                if header.type == ATTRIBUTE_TYPE_CODE.END or header.record_length == 0:
+                    break
+                try:
+                    attr = Attribute(header, record)
+                except Exception:
+                    if header.type != ATTRIBUTE_TYPE_CODE.REPARSE_POINT:
+                        raise
+                    attr = Attribute.__new__(Attribute)
+                    attr.header, attr.record, attr.attribute = header, record, None
+                attrs.add(attr)
+                offset += header.record_length
+            record.__dict__["attributes"] = attrs  # (a cached_property of dissect's record)
+            return attrs
+
+    def _reparse_link(self, attr: Any) -> tuple[int, str, bool] | None:
+        """(tag, substitute name, relative) of a symlink or junction; ``None`` for another kind of reparse point;
+        ``ValueError`` when the buffer is damaged."""
+        size = int(attr.header.size)
+        if size < 8 or size > 8 + self.REPARSE_MAX:
+            raise ValueError(f"reparse buffer of {size} bytes")
+        raw = bytes(attr.header.data())[:size]
+        tag, length = struct.unpack_from("<IH", raw, 0)
+        if tag not in (self.TAG_MOUNT_POINT, self.TAG_SYMLINK):
+            return None
+        if 8 + length > len(raw):
+            raise ValueError(f"reparse data length {length} is more than the {len(raw) - 8} bytes it has")
+        data = raw[8 : 8 + length]
+        head = 12 if tag == self.TAG_SYMLINK else 8
+        if len(data) < head:
+            raise ValueError(f"reparse data of {len(data)} bytes has no room for its header")
+        offset, count = struct.unpack_from("<HH", data, 0)
+        relative = tag == self.TAG_SYMLINK and bool(struct.unpack_from("<I", data, 8)[0] & 1)
+        names = data[head:]
+        if offset + count > len(names) or offset % 2 or count % 2 or count == 0:
+            raise ValueError(f"substitute name at {offset}+{count} outside the {len(names)} bytes of names")
+        try:
+            text = names[offset : offset + count].decode("utf-16-le")
+        except UnicodeDecodeError:
+            raise ValueError("substitute name is no UTF-16") from None
+        text = text.rstrip("\0")
+        if not text or "\0" in text:
+            raise ValueError("substitute name is empty or holds a NUL")
+        return tag, text, relative
+
+    @staticmethod
+    def _safe_name(name: str) -> bool:
+        return bool(name) and name not in (".", "..") and "/" not in name and "\0" not in name
+
+    def _lookup(self, parts: list[str], strict: bool) -> list[str] | None:
+        """The components ``parts`` (below the root) as this volume spells them; ``None`` when one is not found
+        (``strict``) or is no safe name. Reparse points on the way are not followed."""
+        from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE, FILE_NAME_DOS
+        from dissect.ntfs.util import segment_reference
+
+        out: list[str] = []
+        record: Any = self.fs.mft.root
+        for i, part in enumerate(parts):
+            found = None
+            try:
+                if record.is_dir() and not record.is_reparse_point():
+                    child = record.index("$I30").search(part).dereference()
+                    for fn in self._attributes(child)[ATTRIBUTE_TYPE_CODE.FILE_NAME]:
+                        if fn.flags != FILE_NAME_DOS and segment_reference(fn.attr.ParentDirectory) == record.segment:
+                            found = str(fn.file_name)
+                            break
+            except Exception:  # not found, or damaged on the way: not found either
+                found = None
+            if found is None:
+                if strict:
+                    return None
+                out += parts[i:]
+                break
+            out.append(found)
+            record = child
+        return out if all(self._safe_name(p) for p in out) else None
+
+    def _link_text(self, text: str, relative: bool, folder: tuple[str, ...] | None) -> str:
+        """What a link shows: relative within the volume, or the guest's text made inert (see the class)."""
+        inert = text.replace("/", "\\")
+        if inert in (".", ".."):
+            inert = "\\" + inert
+        if folder is None or text.count("\\") > self.PARTS_MAX:
+            return inert
+        if relative:
+            if text.startswith("\\"):
+                return inert
+            parts: list[str] = list(folder)
+            for part in text.split("\\"):
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if not parts:
+                        return inert  # above the volume's root
+                    parts.pop()
+                else:
+                    parts.append(part)
+            found = self._lookup(parts, strict=False)
+        else:
+            path = text
+            for prefix in ("\\??\\", "\\\\?\\", "\\\\.\\"):
+                if path.startswith(prefix):
+                    path = path[len(prefix) :]
+                    break
+            if len(path) < 2 or path[1] != ":" or not path[0].isascii() or not path[0].isalpha():
+                return inert  # UNC, a volume GUID, a device: another place
+            if path[2:] and not path[2:].startswith("\\"):
+                return inert  # (drive-relative: "C:x")
+            parts = []
+            for part in path[2:].split("\\"):
+                if part in ("", "."):
+                    continue
+                if part == "..":
+                    if parts:
+                        parts.pop()
+                else:
+                    parts.append(part)
+            found = self._lookup(parts, strict=True)
+        if found is None:
+            return inert
+        common = 0
+        while common < min(len(folder), len(found)) and folder[common] == found[common]:
+            common += 1
+        rel = [".."] * (len(folder) - common) + found[common:]
+        return "/".join(rel) or "."
+
+    def _entry(self, record: Any, name: str, folder: tuple[str, ...] | None = None) -> GuestEntry:
         from dissect.ntfs.c_ntfs import ATTRIBUTE_TYPE_CODE, FILE_NAME_DOS
 
+        attrs = self._attributes(record)
         is_dir = record.is_dir()
-        times = record.attributes[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]
+        times = attrs[ATTRIBUTE_TYPE_CODE.STANDARD_INFORMATION]
         mtime_ns = atime_ns = ctime_ns = 0
         if times:
             si = times[0]
@@ -523,11 +689,21 @@ class NtfsGuestFS(GuestFS):
             ctime_ns = _ts(si.last_change_time_ns)
         target: str | None = None
         damage = ""
-        if record.is_reparse_point() and (record.is_symlink() or record.is_mount_point()):
+        link = None
+        broken = ""
+        if ATTRIBUTE_TYPE_CODE.REPARSE_POINT in attrs:
+            try:
+                link = self._reparse_link(attrs[ATTRIBUTE_TYPE_CODE.REPARSE_POINT][0])
+            except Exception as exc:
+                broken = str(exc) or type(exc).__name__
+                self.note(f"{name} (MFT record {record.segment}): damaged reparse point ({broken}): an empty file")
+        if broken:
+            mode, size = stat.S_IFREG | 0o644, 0
+        elif link is not None:
             mode = stat.S_IFLNK | 0o777
-            name_of = str(record.reparse_point_substitute_name).replace("\\", "/")
-            size = len(name_of.encode(errors="surrogateescape"))
-            target, damage = self._link_target(size, lambda: name_of)
+            shown = self._link_text(link[1], link[2], folder)
+            target, damage = self._link_target(len(shown.encode(errors="surrogateescape")), lambda: shown)
+            size = len(shown.encode(errors="surrogateescape"))
         elif is_dir:
             mode, size = stat.S_IFDIR | 0o755, 0
         else:
@@ -535,13 +711,13 @@ class NtfsGuestFS(GuestFS):
             size = int(record.size()) if record.has_stream("") else 0
         # Each hard link has its own $FILE_NAME (the same name in two folders is two links). DOS-only 8.3 aliases
         # of long names are not counted: they are no links of their own (a name valid in both is one attribute).
-        links = sum(1 for fn in record.attributes[ATTRIBUTE_TYPE_CODE.FILE_NAME] if fn.flags != FILE_NAME_DOS)
+        links = sum(1 for fn in attrs[ATTRIBUTE_TYPE_CODE.FILE_NAME] if fn.flags != FILE_NAME_DOS)
         return GuestEntry(
             name=name,
             ino=int(record.segment),
             mode=mode,
             size=size,
-            nlink=max(1, links) if not is_dir else 2,
+            nlink=max(1, links) if not stat.S_ISDIR(mode) else 2,
             mtime_ns=mtime_ns,
             atime_ns=atime_ns,
             ctime_ns=ctime_ns,
@@ -559,6 +735,7 @@ class NtfsGuestFS(GuestFS):
         out: list[GuestEntry] = []
         seen = set()
         record = self._resolve(entry)
+        folder = self._places.get(entry.ino)
         for name, idx in record.listdir(ignore_dos=True).items():
             if name == "." or (name.startswith("$") and record.segment == 5):  # NTFS metadata files in the root
                 continue
@@ -566,14 +743,25 @@ class NtfsGuestFS(GuestFS):
             if (name, child.segment) in seen:
                 continue
             seen.add((name, child.segment))
-            out.append(self._entry(child, name))
+            e = self._entry(child, name, folder)
+            if e.is_dir and folder is not None:
+                self._places.setdefault(e.ino, (*folder, name))
+            out.append(e)
         return out
 
 
 class BtrfsGuestFS(GuestFS):
-    """Btrfs: the default subvolume."""
+    """Btrfs: the top level of the volume, with every subvolume and snapshot a folder at its place.
+
+    Inode numbers are per subvolume (a subvolume's root is 256 in every one), so an entry's number is the pair
+    (subvolume id, inode) in one integer. A snapshot that was taken of a subvolume holding another one holds no
+    subvolume there, only a name: that place is an empty folder, as the guest's kernel shows it.
+    """
 
     fstype = "btrfs"
+    EMPTY_SUBVOL_DIR = 2  # the inode number the kernel gives such a place
+    SUBVOL_RDONLY = 1  # a root item's flag of a read-only subvolume
+    NOTE_SUBVOLUMES = 50  # subvolumes named in vm.json (a guest may keep hundreds of snapshots)
 
     def __init__(self, fh: Any, label: str):
         super().__init__(fh, label)
@@ -582,19 +770,81 @@ class BtrfsGuestFS(GuestFS):
         with self._guard("superblock"):
             self.fs = Btrfs(fh)
 
+    @classmethod
+    def volume_notes(cls, fh: Any, label: str) -> list[str]:
+        fs = cls(fh, label)
+        with fs._guard("subvolumes"):
+            default = fs.fs.default_subvolume
+            name = default.path or "(top level)"
+            notes = [f"default subvolume: {name} (id {default.objectid})"]
+            others = sorted(
+                s.path + (" (read-only)" if int(s.tree.root_item.flags) & cls.SUBVOL_RDONLY else "")
+                for s in fs.fs.subvolumes()
+                if s.objectid != default.objectid and s.path
+            )
+            if len(others) > cls.NOTE_SUBVOLUMES:
+                others[cls.NOTE_SUBVOLUMES :] = [f"and {len(others) - cls.NOTE_SUBVOLUMES} more"]
+            if others:
+                notes.append("other subvolumes: " + ", ".join(others))
+        return notes
+
     def _entry(self, node: Any, name: str) -> GuestEntry:
         entry = _inode_entry(
             self, node, name, mode=int(node.mode), uid=int(node.uid), gid=int(node.gid), nlink=int(node.inode.nlink)
         )
-        entry.handle = node  # Btrfs inode numbers are per subvolume: keep the object
-        entry.ino = int(node.subvolume.objectid) << 64 | entry.ino  # (a subvolume's root is 256 in every one)
+        entry.handle = node  # the inode number alone does not find the object again: keep it
+        entry.ino = int(node.subvolume.objectid) << 64 | entry.ino
         return entry
 
     def _root(self) -> GuestEntry:
-        return self._entry(self.fs.get("/"), "")
+        from dissect.btrfs.c_btrfs import c_btrfs
+
+        return self._entry(self.fs.open_subvolume(c_btrfs.BTRFS_FS_TREE_OBJECTID).root, "")
+
+    def _subvolume_root(self, folder: Any, objectid: int, name: str) -> Any:
+        """The root of the subvolume a folder's entry names, if it is attached there (its root reference names that
+        folder and the subvolume still exists); ``None`` for a name a snapshot kept without the subvolume."""
+        from dissect.btrfs.c_btrfs import c_btrfs
+
+        root_tree = self.fs._root_tree
+        try:
+            _, data = root_tree.find(folder.subvolume.objectid, c_btrfs.BTRFS_ROOT_REF_KEY, objectid)
+            root_tree.find(objectid, c_btrfs.BTRFS_ROOT_ITEM_KEY)
+        except KeyError:
+            return None
+        ref = c_btrfs.btrfs_root_ref(data)
+        if int(ref.dirid) != int(folder.inum) or ref.name.decode(errors="surrogateescape") != name:
+            return None
+        return self.fs.open_subvolume(objectid, folder).root
 
     def _listdir(self, entry: GuestEntry) -> Iterator[GuestEntry]:
-        return (self._entry(n, name) for name, n in entry.handle.iterdir() if name not in (".", ".."))
+        from dissect.btrfs.c_btrfs import c_btrfs
+
+        folder = entry.handle
+        if folder is None:  # the empty place of a subvolume that a snapshot did not take
+            return
+        subvolume = folder.subvolume
+        # the folder's entries in index order (0 and 1 are "." and ".."), as dissect's iterdir reads them
+        for _, data in subvolume.tree.cursor().iter(folder.inum, c_btrfs.BTRFS_DIR_INDEX_KEY, 2, ignore_offset=True):
+            item = c_btrfs.btrfs_dir_item(data)
+            name = item.name.decode(errors="surrogateescape")
+            where = item.location
+            if where.type == c_btrfs.BTRFS_INODE_ITEM_KEY:
+                yield self._entry(subvolume.inode(int(where.objectid), item.type, folder), name)
+            elif where.type != c_btrfs.BTRFS_ROOT_ITEM_KEY:
+                raise ValueError(f"entry {name!r} points at an item of type {int(where.type)}")
+            elif (root := self._subvolume_root(folder, int(where.objectid), name)) is not None:
+                yield self._entry(root, name)
+            else:
+                yield GuestEntry(
+                    name=name,
+                    ino=int(subvolume.objectid) << 64 | self.EMPTY_SUBVOL_DIR,
+                    mode=stat.S_IFDIR | 0o755,
+                    size=0,
+                    mtime_ns=entry.mtime_ns,
+                    atime_ns=entry.atime_ns,
+                    ctime_ns=entry.ctime_ns,
+                )
 
     def _open(self, entry: GuestEntry) -> Any:
         # zlib and LZO extents need nothing beyond dissect; zstd needs compression.zstd (Python 3.14) or its

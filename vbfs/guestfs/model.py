@@ -95,6 +95,12 @@ class GuestFS:
         self._noted: set[str] = set()
         self._notes_lock = threading.Lock()
 
+    @classmethod
+    def volume_notes(cls, fh: Any, label: str) -> list[str]:
+        """What vm.json says of a volume of this filesystem beyond its type, read from ``fh``; nothing by default
+        (a filesystem that says something opens the volume for it)."""
+        return []
+
     def note(self, text: str) -> None:
         """Record (once) and log something the tree shows differently from the guest or leaves out."""
         with self._notes_lock:

@@ -11,6 +11,15 @@ order of its chain of extended boot records (EBRs), and the extended partition i
 guest data: it is followed for at most :data:`MAX_EBRS` links, never into a link met before or outside its
 extended partition; where it stops early, the last partition read (or a ``whole`` entry) says so in its note.
 GPT, APM and BSD tables are read by dissect.volume; GPT partitions are ``p<N>`` by their entry in the array.
+
+Linux software RAID (md) members with a 1.x superblock (1.0 at the end, 1.1 at the start, 1.2 at 4 KiB of the
+member) are found by their superblock (type 0xFD or the Linux RAID GPT type only make a missing one a note). A
+RAID1 member holds the whole array at its data offset: it keeps its ``p<N>`` entry with a note, and the array's
+data follows it as ``md-<name>`` (the array's name without its ``host:`` part, else its uuid), read like a
+partition (a filesystem, an LVM2 physical volume or LUKS). A second member of the same array on the disk is only a
+note. Other RAID levels are not assembled (a note). The superblock is guest data: its checksum, version, place
+and every offset and size are checked against the member; one that fails is a note. A LUKS volume (1 or 2) is
+never probed for a filesystem: it is shown as an image, with a note.
 """
 
 from __future__ import annotations
@@ -31,6 +40,14 @@ log = logging.getLogger(__name__)
 
 LVM_GPT_TYPE = uuid.UUID("e6d6d379-f507-44c2-a23c-238f2a3df928")
 LVM_MBR_TYPE = 0x8E
+RAID_GPT_TYPE = uuid.UUID("a19d880f-05fc-4d3b-a006-743f0f84911e")
+RAID_MBR_TYPE = 0xFD
+MD_MAGIC = 0xA92B4EFC
+LUKS_MAGIC = b"LUKS\xba\xbe"
+_MD_MAX_DEV = (4096 - 256) // 2  # roles a 1.x superblock may list (it fits in 4 KiB)
+_MD_FEATURES_MOVING = 0x04 | 0x40  # a reshape under way, a data offset being changed
+_MD_LEVELS = {-4: "multipath", -1: "linear", 0: "0", 1: "1", 4: "4", 5: "5", 6: "6", 10: "10"}
+_NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 EXTENDED_MBR_TYPES = {0x05, 0x0F, 0x85}
 SECTOR = 512
 MAX_EBRS = 256  # links of one chain; Linux shows at most 256 partitions of a disk
@@ -128,6 +145,11 @@ def discover(disk: RangeReader) -> list[Volume]:
 
 def _discover(disk: RangeReader) -> list[Volume]:
     whole = Volume("whole", 0, disk.size, disk.sub(0, disk.size))
+    arrays: dict[str, str] = {}
+    if _luks_note(whole.reader):
+        out: list[Volume] = []
+        _fill(out, whole, None, arrays, md=False)
+        return out
     _identify(whole)
     if whole.fstype is not None:  # a filesystem on the whole disk (a FAT/NTFS boot sector looks like an MBR)
         return [whole]
@@ -144,9 +166,15 @@ def _discover(disk: RangeReader) -> list[Volume]:
             lvs, note = _lvm_volumes(whole.reader, "whole")
             whole.note = note
             return [whole, *lvs]
+        member, problem = _md_superblock(whole.reader)
+        if member is not None or problem:
+            whole.note = ""
+            out = []
+            _fill(out, whole, None, arrays, md=True)
+            return out
         whole.note = "no partition table and no known filesystem"
         return [whole]
-    out: list[Volume] = []
+    out = []
     for part in table.partitions:
         ptype = part.type
         if isinstance(ptype, int) and ptype in EXTENDED_MBR_TYPES:
@@ -155,27 +183,194 @@ def _discover(disk: RangeReader) -> list[Volume]:
         last, first = getattr(part.raw, "last_lba", None), getattr(part.raw, "first_lba", None)
         if part.size > 0 and last is not None and first is not None:  # GPT's last LBA is inclusive
             size = (int(last) - int(first) + 1) * table.sector_size
-        _add_partition(out, disk, whole, f"p{part.number}", part.offset, size, ptype)
+        _add_partition(out, disk, whole, f"p{part.number}", part.offset, size, ptype, arrays)
     return out
 
 
 def _add_partition(
-    out: list[Volume], disk: RangeReader, whole: Volume, name: str, offset: int, size: int, ptype: object
+    out: list[Volume],
+    disk: RangeReader,
+    whole: Volume,
+    name: str,
+    offset: int,
+    size: int,
+    ptype: object,
+    arrays: dict[str, str],
 ) -> Volume:
-    """Append the volume of one partition (and the logical volumes in it, for an LVM2 physical volume)."""
+    """Append the volume of one partition and what it holds (logical volumes of an LVM2 physical volume, the
+    data of a RAID1 array); ``arrays`` maps the uuid of each md array already shown on this disk to its name."""
     if size <= 0 or offset + size > disk.size:
         vol = Volume(name, offset, max(0, size), whole.reader, None, "partition lies outside the disk")
         out.append(vol)
         return vol
     vol = Volume(name, offset, size, disk.sub(offset, size))
+    _fill(out, vol, ptype, arrays, md=True)
+    return vol
+
+
+def _fill(out: list[Volume], vol: Volume, ptype: object, arrays: dict[str, str], md: bool) -> None:
+    """Append ``vol`` (a partition, the whole disk, or the data of an array) with what it holds."""
+    luks = _luks_note(vol.reader)
+    if luks:  # ciphertext: never probed for a filesystem
+        vol.note = luks
+        out.append(vol)
+        return
+    if md:
+        member, problem = _md_superblock(vol.reader)
+        if member is not None:
+            _md_volumes(out, vol, member, arrays)
+            return
+        if problem or ptype in (RAID_GPT_TYPE, RAID_MBR_TYPE):
+            vol.note = problem or "Linux RAID partition without an md 1.x superblock (0.90 metadata, or damaged)"
+            _identify(vol)  # a RAID1 member of 0.90 (or 1.0) metadata holds its filesystem at its start
+            out.append(vol)
+            return
     if ptype in (LVM_GPT_TYPE, LVM_MBR_TYPE) or _is_lvm_pv(vol.reader):
         lvs, vol.note = _lvm_volumes(vol.reader, vol.name)
         out.append(vol)
         out.extend(lvs)
-        return vol
+        return
     _identify(vol)
     out.append(vol)
-    return vol
+
+
+def _luks_note(reader: RangeReader) -> str:
+    """The note of a LUKS volume (its header's version and uuid), or "" when ``reader`` does not start with one."""
+    reader.seek(0)
+    head = reader.read(208)
+    if len(head) < 208 or head[:6] != LUKS_MAGIC:
+        return ""
+    (version,) = struct.unpack_from(">H", head, 6)
+    text = head[168:208].split(b"\0", 1)[0].decode("ascii", "replace")
+    uid = text if text and all(c in "0123456789abcdefABCDEF-" for c in text) else "unreadable"
+    kind = f"LUKS{version}" if version in (1, 2) else f"LUKS of unknown version {version}"
+    return f"LUKS-encrypted volume ({kind}, uuid {uid}): shown as an image; its files cannot be read without the key"
+
+
+# ---- Linux software RAID (md) ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _MdMember:
+    """What a valid md 1.x superblock says; offsets and sizes in bytes, checked against the member."""
+
+    version: str  # 1.0, 1.1, 1.2
+    uuid: str  # as mdadm shows it: four groups of 8 hex digits joined by ':'
+    name: str  # the array's name, "" when it has none
+    level: int
+    data_offset: int
+    size: int  # of the array's data (RAID1: the whole array)
+    problem: str  # why this member's data cannot be shown (a spare, being rebuilt, ...), or ""
+
+
+def _md_superblock(reader: RangeReader) -> tuple[_MdMember | None, str]:
+    """The md 1.x superblock of a member: (member, "") when valid, (None, note) when damaged, (None, "") when
+    there is none."""
+    size = reader.size
+    places: list[tuple[str, int]] = []
+    if size >= 8 * 4096:
+        places += [("1.2", 4096), ("1.1", 0)]
+    if size >= 32 * 512:
+        places.append(("1.0", ((size // SECTOR - 16) & ~7) * SECTOR))
+    problem = ""
+    for version, at in places:
+        reader.seek(at)
+        raw = reader.read(4096)
+        if len(raw) < 256 or struct.unpack_from("<I", raw, 0)[0] != MD_MAGIC:
+            continue
+        member, why = _md_parse(raw, version, at, size)
+        if member is not None:
+            return member, ""
+        problem = problem or f"Linux RAID member whose md {version} superblock cannot be used ({why})"
+    return None, problem
+
+
+def _md_csum(raw: bytes, length: int) -> int:
+    body = bytearray(raw[:length])
+    body[216:220] = bytes(4)
+    words = length // 4
+    total = sum(struct.unpack_from(f"<{words}I", body))
+    if length % 4 >= 2:
+        total += struct.unpack_from("<H", body, words * 4)[0]
+    return ((total & 0xFFFFFFFF) + (total >> 32)) & 0xFFFFFFFF
+
+
+def _md_parse(raw: bytes, version: str, at: int, member_size: int) -> tuple[_MdMember | None, str]:
+    major, features = struct.unpack_from("<II", raw, 4)
+    set_name = raw[32:64]
+    (level,) = struct.unpack_from("<i", raw, 72)
+    (array_sectors,) = struct.unpack_from("<Q", raw, 80)
+    data_offset, data_size, super_offset, recovery = struct.unpack_from("<QQQQ", raw, 128)
+    (dev_number,) = struct.unpack_from("<I", raw, 160)
+    (csum, max_dev) = struct.unpack_from("<II", raw, 216)
+    if major != 1:
+        return None, f"major version {major}, not 1"
+    if max_dev > _MD_MAX_DEV:
+        return None, f"it lists {max_dev} devices, more than {_MD_MAX_DEV}"
+    length = 256 + 2 * max_dev
+    if len(raw) < length or at + length > member_size:
+        return None, "it is cut short by the end of the member"
+    if _md_csum(raw, length) != csum:
+        return None, "wrong checksum"
+    if super_offset * SECTOR != at:
+        return None, f"it says it lies at sector {super_offset}, but it lies at sector {at // SECTOR}"
+    if level not in _MD_LEVELS:
+        return None, f"unknown RAID level {level}"
+    start, room, used = data_offset * SECTOR, data_size * SECTOR, array_sectors * SECTOR
+    if start >= member_size or room <= 0 or start + room > member_size:
+        return None, f"its data area (sector {data_offset}, {data_size} sectors) lies outside the member"
+    if version == "1.0" and start + room > at:
+        return None, "its data area overlaps the superblock"
+    if version != "1.0" and start < at + length:
+        return None, "its data area overlaps the superblock"
+    if level == 1 and not 0 < used <= room:
+        return None, f"array size {array_sectors} sectors does not fit its data area of {data_size} sectors"
+    words = raw[16:32].hex()
+    uid = ":".join(words[i : i + 8] for i in range(0, 32, 8))
+    name = set_name.split(b"\0", 1)[0].decode("utf-8", "replace")
+    problem = ""
+    role = struct.unpack_from("<H", raw, 256 + 2 * dev_number)[0] if dev_number < max_dev else 0xFFFF
+    if features & _MD_FEATURES_MOVING:
+        problem = "the array is being reshaped"
+    elif role in (0xFFFF, 0xFFFE, 0xFFFD):
+        problem = {0xFFFF: "a spare", 0xFFFE: "a faulty member", 0xFFFD: "a journal"}[role]
+    elif features & 0x02 and recovery < array_sectors:
+        problem = "a member still being rebuilt"
+    return _MdMember(version, uid, name, level, start, used, problem), ""
+
+
+def _md_name(member: _MdMember, taken: set[str]) -> str:
+    """``md-<name>`` of an array: its name without the ``host:`` part, in safe characters, else its uuid."""
+    base = member.name.rsplit(":", 1)[-1]
+    base = "".join(c if c in _NAME_CHARS else "_" for c in base)
+    name = f"md-{base}"
+    if not base.strip(".") or name in taken:
+        name = f"md-{member.uuid.replace(':', '-')}"
+    return name
+
+
+def _md_volumes(out: list[Volume], vol: Volume, member: _MdMember, arrays: dict[str, str]) -> None:
+    """Append a RAID member and, for the first member of a RAID1 array on the disk, the array's data."""
+    label = member.name or member.uuid
+    what = f"array {label} (md {member.version}, uuid {member.uuid})"
+    out.append(vol)
+    if member.level != 1:
+        vol.note = f"Linux RAID member of {what}: RAID level {_MD_LEVELS[member.level]}: not assembled"
+        return
+    if member.problem:
+        vol.note = f"RAID1 member of {what}: {member.problem}: its data is not shown"
+        return
+    first = arrays.get(member.uuid)
+    if first is not None:
+        vol.note = f"RAID1 member of {what}: the array is shown once, as {first}"
+        return
+    name = _md_name(member, {v.name for v in out})
+    arrays[member.uuid] = f"{name} (from {vol.name})"
+    vol.note = f"RAID1 member of {what}: its data is shown as {name}"
+    data = Volume(name, vol.offset + member.data_offset, member.size, vol.reader.sub(member.data_offset, member.size))
+    _fill(out, data, None, arrays, md=False)
+    source = f"RAID1 {what}, read from member {vol.name}"
+    data.note = f"{data.note}; {source}" if data.note else source
 
 
 # ---- MBR ---------------------------------------------------------------------------------------------------------
@@ -236,13 +431,14 @@ def _mbr_volumes(disk: RangeReader, whole: Volume, mbr: bytes) -> list[Volume]:
         else:
             primaries.append(_Part(e.slot + 1, e.start * SECTOR, e.count * SECTOR, e.type))
     out: list[Volume] = []
+    arrays: dict[str, str] = {}
     for p in primaries:
-        _add_partition(out, disk, whole, f"p{p.number}", p.offset, p.size, p.type)
+        _add_partition(out, disk, whole, f"p{p.number}", p.offset, p.size, p.type, arrays)
     loose: list[str] = []
     for logical, note in chains:
         last = None
         for p in logical:
-            last = _add_partition(out, disk, whole, f"p{p.number}", p.offset, p.size, p.type)
+            last = _add_partition(out, disk, whole, f"p{p.number}", p.offset, p.size, p.type, arrays)
         if note and last is not None:
             last.note = f"{last.note}; {note}" if last.note else note
         elif note:
