@@ -1,8 +1,13 @@
-"""Guest disks with every supported filesystem, built without a running guest (session fixtures)."""
+"""Guest disks with every supported filesystem, built without a running guest (session fixtures), and the steps
+the tests share to write filesystems through the host's own drivers (a loop mount, ntfs-3g)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tests.conftest import MiB, random_bytes
@@ -18,6 +23,46 @@ from vbfs.testing.images import (
 )
 
 MTIME = 1_700_000_000  # 2023-11-14, a whole second: every filesystem can store it
+
+
+def run(*args: str) -> None:
+    subprocess.run(args, check=True, capture_output=True)
+
+
+def umount_quietly(mnt: Path) -> None:
+    """Unmount a host mount of a test image, lazily if it is still busy."""
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
+    if os.path.ismount(mnt):
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
+
+
+def wait_for(cond: Callable[[], bool], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out")
+        time.sleep(0.05)
+
+
+@contextmanager
+def ntfs3g_mounted(part: Path, mnt: Path) -> Iterator[Path]:
+    """``part`` (an NTFS image) mounted at ``mnt`` by ntfs-3g in the foreground, so that its end, with every record
+    written, is waited for by its own PID when the block ends."""
+    log = mnt.parent / f"{mnt.name}-ntfs-3g.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(part), str(mnt)], stdout=out, stderr=out)
+    try:
+        wait_for(lambda: os.path.ismount(mnt) or proc.poll() is not None)
+        assert proc.poll() is None, log.read_text()
+        yield mnt
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
 
 
 def linux_tree(root: Path, many: int = 0) -> Path:

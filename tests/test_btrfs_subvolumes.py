@@ -9,30 +9,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MiB, Mount, Vbfs, random_bytes
+from tests.guest_images import run, umount_quietly
 from vbfs.testing.images import LoopDevice, blank, have, partition_table, place
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts need root")
 
 BEFORE = b"notes written before the snapshot\n" * 100
 AFTER = b"notes rewritten after the snapshot\n" * 90
-
-
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-def _umount(mnt: Path) -> None:
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +34,7 @@ def subvolume_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
         pytest.skip("needs btrfs-progs, losetup and sfdisk")
     work = tmp_path_factory.mktemp("btrfs-subvol")
     part = blank(work / "p1.img", 128 * MiB)
-    _run("mkfs.btrfs", "-q", "-f", "-L", "vbfs-subvol", str(part))
+    run("mkfs.btrfs", "-q", "-f", "-L", "vbfs-subvol", str(part))
     mnt = work / "mnt"
     mnt.mkdir()
     blob = random_bytes(300_000, 7)
@@ -58,24 +47,24 @@ def subvolume_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[P
         "top.txt": b"at the top level\n",
     }
     with LoopDevice(part) as dev:
-        _run("mount", "-t", "btrfs", dev, str(mnt))
+        run("mount", "-t", "btrfs", dev, str(mnt))
         try:
-            _run("btrfs", "subvolume", "create", str(mnt / "@"))
-            _run("btrfs", "subvolume", "create", str(mnt / "@home"))
-            _run("btrfs", "subvolume", "create", str(mnt / "@home/projects"))
-            _run("btrfs", "subvolume", "create", str(mnt / "@home/cache"))
+            run("btrfs", "subvolume", "create", str(mnt / "@"))
+            run("btrfs", "subvolume", "create", str(mnt / "@home"))
+            run("btrfs", "subvolume", "create", str(mnt / "@home/projects"))
+            run("btrfs", "subvolume", "create", str(mnt / "@home/cache"))
             (mnt / "@home/cache/thumb.png").write_bytes(b"deleted later")
             for rel, content in files.items():
                 (mnt / rel).parent.mkdir(parents=True, exist_ok=True)
                 (mnt / rel).write_bytes(content)
-            _run("btrfs", "subvolume", "snapshot", "-r", str(mnt / "@home"), str(mnt / "@home-snap"))
+            run("btrfs", "subvolume", "snapshot", "-r", str(mnt / "@home"), str(mnt / "@home-snap"))
             (mnt / "@home/user/notes.txt").write_bytes(AFTER)
-            _run("btrfs", "subvolume", "delete", "-c", str(mnt / "@home/cache"))
-            _run("btrfs", "subvolume", "sync", str(mnt))
-            _run("btrfs", "subvolume", "set-default", str(mnt / "@"))
-            _run("sync", "-f", str(mnt))
+            run("btrfs", "subvolume", "delete", "-c", str(mnt / "@home/cache"))
+            run("btrfs", "subvolume", "sync", str(mnt))
+            run("btrfs", "subvolume", "set-default", str(mnt / "@"))
+            run("sync", "-f", str(mnt))
         finally:
-            _umount(mnt)
+            umount_quietly(mnt)
     expected = dict(files)
     expected["@home/user/notes.txt"] = AFTER
     expected["@home-snap/user/notes.txt"] = BEFORE

@@ -7,14 +7,13 @@ them, then put in a partitioned disk, backed up and read back through ``vbfs mou
 from __future__ import annotations
 
 import os
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MiB, Mount, Vbfs, random_bytes
+from tests.guest_images import ntfs3g_mounted, run, umount_quietly
 from vbfs.testing.images import LoopDevice, blank, have, partition_table, place
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="loop mounts and ntfs-3g need root")
@@ -34,17 +33,6 @@ def _btrfs_files(kind: str, seed: int) -> dict[str, bytes]:
     }
 
 
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-def _umount(mnt: Path) -> None:
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", str(mnt)], check=False, capture_output=True)
-    if os.path.ismount(mnt):
-        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def btrfs_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path, dict[str, bytes]]]:
     """A GPT disk whose p1 is Btrfs with one folder of files per compression (written with ``compress=<kind>``),
@@ -53,21 +41,21 @@ def btrfs_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path,
         pytest.skip("needs btrfs-progs, losetup and sfdisk")
     work = tmp_path_factory.mktemp("btrfs")
     part = blank(work / "p1.img", 128 * MiB)
-    _run("mkfs.btrfs", "-q", "-f", "-L", "vbfs-btrfs", str(part))
+    run("mkfs.btrfs", "-q", "-f", "-L", "vbfs-btrfs", str(part))
     files: dict[str, bytes] = {}
     mnt = work / "mnt"
     mnt.mkdir()
     with LoopDevice(part) as dev:
         for seed, kind in enumerate(COMPRESSIONS):
-            _run("mount", "-t", "btrfs", "-o", f"compress={kind}", dev, str(mnt))
+            run("mount", "-t", "btrfs", "-o", f"compress={kind}", dev, str(mnt))
             try:
                 for rel, content in _btrfs_files(kind, seed).items():
                     (mnt / rel).parent.mkdir(exist_ok=True)
                     (mnt / rel).write_bytes(content)
                     files[rel] = content
-                _run("sync", "-f", str(mnt))
+                run("sync", "-f", str(mnt))
             finally:
-                _umount(mnt)
+                umount_quietly(mnt)
     # the image really holds extents of each compression (1 zlib, 2 LZO, 3 zstd), or the test proves nothing
     from dissect.btrfs import Btrfs
 
@@ -123,14 +111,6 @@ def test_btrfs_zstd_without_its_module_is_unsupported_not_damaged(
         assert fs.read(lzo["text.txt"], 0, 4096) == files["lzo/text.txt"][:4096]
 
 
-def _wait(cond: Callable[[], bool], seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 @pytest.fixture(scope="module")
 def ntfs_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """An MBR disk whose p1 is NTFS written by ntfs-3g: a file hard-linked under the same name in two folders, a
@@ -139,16 +119,10 @@ def ntfs_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("needs ntfs-3g and sfdisk")
     work = tmp_path_factory.mktemp("ntfs")
     part = blank(work / "n1.img", 32 * MiB)
-    _run("mkntfs", "-q", "-F", "-Q", "-s", "512", "-p", "2048", "-H", "255", "-S", "63", "-L", "LINKS", str(part))
+    run("mkntfs", "-q", "-F", "-Q", "-s", "512", "-p", "2048", "-H", "255", "-S", "63", "-L", "LINKS", str(part))
     mnt = work / "mnt"
     mnt.mkdir()
-    # in the foreground, so that its end (every record written) can be waited for by its own PID
-    log = work / "ntfs-3g.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(part), str(mnt)], stdout=out, stderr=out)
-    try:
-        _wait(lambda: os.path.ismount(mnt) or proc.poll() is not None)
-        assert proc.poll() is None, log.read_text()
+    with ntfs3g_mounted(part, mnt):
         (mnt / "Documents").mkdir()
         (mnt / "Archive").mkdir()
         (mnt / "Documents/report.txt").write_bytes(_text("report", 2000))
@@ -156,13 +130,6 @@ def ntfs_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         (mnt / "Documents/notes.txt").write_bytes(b"notes\r\n" * 100)
         os.link(mnt / "Documents/notes.txt", mnt / "Documents/notes (link).txt")
         (mnt / "Documents/alone.txt").write_bytes(b"one name only\r\n")
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=10)
     disk = partition_table(work / "ntfsvm.raw", 64 * MiB, "dos", [(1, 32, "7")])
     place(part, disk, MiB)
     part.unlink()

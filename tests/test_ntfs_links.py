@@ -10,14 +10,13 @@ from __future__ import annotations
 import os
 import stat
 import struct
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import MiB, Mount, Vbfs
+from tests.guest_images import ntfs3g_mounted, run
 from vbfs.testing.images import blank, have, partition_table, place
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ntfs-3g needs root")
@@ -52,18 +51,6 @@ LINKS = {
 }
 
 
-def _run(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
-def _wait(cond: Callable[[], bool], seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.05)
-
-
 def _damage(image: Path) -> None:
     """BadOffset: its substitute name's offset points past the buffer. TooShort: its attribute's value is 6
     bytes (less than a reparse header)."""
@@ -95,15 +82,10 @@ def links_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         pytest.skip("needs ntfs-3g and sfdisk")
     work = tmp_path_factory.mktemp("ntfslinks")
     part = blank(work / "n1.img", 32 * MiB)
-    _run("mkntfs", "-q", "-F", "-Q", "-s", "512", "-p", "2048", "-H", "255", "-S", "63", "-L", "C", str(part))
+    run("mkntfs", "-q", "-F", "-Q", "-s", "512", "-p", "2048", "-H", "255", "-S", "63", "-L", "C", str(part))
     mnt = work / "mnt"
     mnt.mkdir()
-    log = work / "ntfs-3g.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(["ntfs-3g", "-o", "no_detach", str(part), str(mnt)], stdout=out, stderr=out)
-    try:
-        _wait(lambda: os.path.ismount(mnt) or proc.poll() is not None)
-        assert proc.poll() is None, log.read_text()
+    with ntfs3g_mounted(part, mnt):
         (mnt / "Users/alice/Links").mkdir(parents=True)
         (mnt / "Users/alice/hello.txt").write_bytes(HELLO)
         (mnt / "Data").mkdir()
@@ -114,13 +96,6 @@ def links_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
             else:
                 (mnt / rel).write_bytes(b"")
             os.setxattr(mnt / rel, "system.ntfs_reparse_data", buffer)
-    finally:
-        subprocess.run(["fusermount3", "-u", str(mnt)], check=False, capture_output=True)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=10)
     _damage(part)
     disk = partition_table(work / "winvm.raw", 64 * MiB, "dos", [(1, 32, "7")])
     place(part, disk, MiB)
